@@ -1,0 +1,159 @@
+"""Shared fixtures for the soft-target tests: free ports, an in-process target, a `kahu target serve`."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import selectors
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from appliance.nvmeof.spec import DISCOVERY_NQN
+from appliance.nvmeof.target.config import apply_target_config, parse_target_config
+from appliance.nvmeof.target.server import TargetServer
+
+REPO = Path(__file__).resolve().parents[2]
+TEST_NQN = "nqn.2026-11.io.kahu:test"
+WIRE_HOSTNQN = "nqn.2014-08.org.nvmexpress:uuid:6b61687a-7465-7374-0000-000000000001"
+TEST_TIMEOUT = 20.0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def free_port() -> Callable[[], int]:
+    """A function returning a currently unused TCP port on 127.0.0.1."""
+    return _free_port
+
+
+def run(coro: Any, timeout: float = TEST_TIMEOUT) -> Any:
+    """Run a test scenario on a fresh event loop with a hard time bound."""
+
+    async def bounded() -> Any:
+        async with asyncio.timeout(timeout):
+            return await coro
+
+    return asyncio.run(bounded())
+
+
+def default_target_config(tmp_path: Path) -> dict[str, Any]:
+    """One subsystem (a RAM and a file namespace) for WIRE_HOSTNQN, KAS 1 so short KATOs are possible."""
+    return {
+        "transport": {"kas": 1},
+        "discovery": {"listeners": [{"traddr": "127.0.0.1", "trsvcid": "0"}]},
+        "subsystems": [
+            {
+                "nqn": TEST_NQN,
+                "serial_number": "KAHUTEST0001",
+                "hosts": [WIRE_HOSTNQN],
+                "listeners": [{"traddr": "127.0.0.1", "trsvcid": "0"}],
+                "namespaces": [
+                    {"malloc": "16MiB", "block_size": 512},
+                    {"file": str(tmp_path / "ns2.img"), "size": "8MiB", "block_size": 4096},
+                ],
+            }
+        ],
+    }
+
+
+@dataclass
+class RunningTarget:
+    server: TargetServer
+
+    def port(self, nqn: str = TEST_NQN, index: int = 0) -> int:
+        sub = self.server.target.subsystem(nqn)
+        return self.server.bound_port(sub.listeners[index])
+
+    @property
+    def io_port(self) -> int:
+        return self.port()
+
+    @property
+    def discovery_port(self) -> int:
+        return self.port(DISCOVERY_NQN)
+
+
+@pytest.fixture
+def soft_target(tmp_path: Path) -> Callable[..., contextlib.AbstractAsyncContextManager[RunningTarget]]:
+    """``async with soft_target(config=None) as t``: a TargetServer on loopback for one scenario.
+
+    ``config`` is the YAML document as a dict (default: :func:`default_target_config`); trsvcid "0"
+    listeners get ephemeral ports, found with ``t.port(nqn)``.
+    """
+
+    @contextlib.asynccontextmanager
+    async def start(config: dict[str, Any] | None = None) -> AsyncIterator[RunningTarget]:
+        cfg = parse_target_config(config if config is not None else default_target_config(tmp_path))
+        async with TargetServer() as server:
+            await apply_target_config(server, cfg)
+            yield RunningTarget(server)
+
+    return start
+
+
+@dataclass
+class ServeProcess:
+    proc: subprocess.Popen[bytes]
+    addresses: list[tuple[str, int]]  # from the "listening tcp HOST:PORT" lines
+    output: list[str]
+
+
+@pytest.fixture
+def kahu_serve(tmp_path: Path) -> Iterator[Callable[[str, int], ServeProcess]]:
+    """Start ``kahu target serve CONFIG`` and wait until it announced ``listeners`` listening lines."""
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def start(config_text: str, listeners: int) -> ServeProcess:
+        config = tmp_path / "target.yaml"
+        config.write_text(config_text)
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "appliance.cli.main", "target", "serve", str(config)],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
+        )  # fmt: skip
+        procs.append(proc)
+        served = ServeProcess(proc, [], [])
+        deadline = time.monotonic() + TEST_TIMEOUT
+        pending = b""
+        with selectors.DefaultSelector() as sel:
+            sel.register(proc.stdout, selectors.EVENT_READ)
+            while len(served.addresses) < listeners:
+                left = deadline - time.monotonic()
+                if left <= 0 or not sel.select(left):
+                    raise TimeoutError(f"kahu target serve not ready: {served.output}")
+                chunk = os.read(proc.stdout.fileno(), 65536)
+                if not chunk:
+                    raise RuntimeError(f"kahu target serve exited {proc.wait(5)}: {served.output}")
+                *lines, pending = (pending + chunk).split(b"\n")
+                for raw in lines:
+                    line = raw.decode(errors="replace")
+                    served.output.append(line)
+                    if line.startswith("listening tcp "):
+                        host, port = line.split()[2].rsplit(":", 1)
+                        served.addresses.append((host, int(port)))
+        return served
+
+    yield start
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=10)
+        proc.stdout.close()
