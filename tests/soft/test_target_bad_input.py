@@ -26,7 +26,7 @@ from bad_wire import (
     write_sqe,
 )
 from conftest import TEST_NQN, WIRE_HOSTNQN, run
-from nvme_wire import CC_ENABLE, OTHER_HOSTNQN, Completion, WireQueue, connect_data
+from nvme_wire import CC_ENABLE, OTHER_HOSTNQN, Completion, WireQueue, connect_data, open_io_queue
 
 from appliance.nvmeof.pdu import (
     CH,
@@ -43,7 +43,7 @@ from appliance.nvmeof.pdu import (
     decode,
     encode_bytes,
 )
-from appliance.nvmeof.spec import AdminOpcode, FabricsType, Fes, IoOpcode, Property, Status
+from appliance.nvmeof.spec import AdminOpcode, FabricsType, Fes, IoOpcode, Property, Status, status_code
 
 Allowed = tuple[tuple[int, int | None], ...]
 FatalCase = Callable[[Rig], Awaitable[tuple[WireQueue, bytes, Allowed]]]
@@ -591,11 +591,6 @@ def test_unknown_admin_opcodes_and_fabrics_types(soft_target, tmp_path) -> None:
     run(scenario())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="target bug: a command whose opcode says 'bidirectional' (bits 1:0 = 11b) and that carries "
-    "an SGL gets C2HTermReq FES 0x06 instead of SPDK's Invalid Opcode status",
-)
 def test_bidirectional_opcodes_with_data_are_invalid_opcode(soft_target, tmp_path) -> None:
     async def scenario() -> None:
         async with bad_input_rig(soft_target, tmp_path) as rig:
@@ -607,6 +602,42 @@ def test_bidirectional_opcodes_with_data_are_invalid_opcode(soft_target, tmp_pat
             done = await q.command(io_cmd(0x07, slba=700), bytes(BS))  # in-capsule
             await expect_status(done, Status.INVALID_OPCODE)
             await read_back(q, rig, 700)
+            await rig.check()
+
+    run(scenario())
+
+
+def test_writes_beyond_the_queue_depth_get_no_buffers(soft_target, tmp_path) -> None:
+    """A host that ignores SQ flow control cannot make the target hold unbounded R2T buffers."""
+
+    async def scenario() -> None:
+        async with bad_input_rig(soft_target, tmp_path) as rig:
+            admin = await rig.admin()
+            q = rig.track(await open_io_queue(rig.port, TEST_NQN, admin.cntlid, sqsize=3))
+            for cid in range(4):  # SQSIZE 3 allows four commands in flight
+                await q.send_raw(capsule(q.dg, write_sqe(WRITE_LBA, WRITE_NLB, cid), sgl_len=WRITE_NLB * BS))
+                async with asyncio.timeout(5):
+                    assert isinstance(await q.recv(), R2T)
+            fifth = capsule(q.dg, write_sqe(WRITE_LBA, WRITE_NLB, 4), sgl_len=WRITE_NLB * BS)
+            await q.send_raw(fifth)
+            await rig.expect_term(q, fifth, ((Fes.DATA_LIMIT_EXCEEDED, None),))
+            await rig.check()
+
+    run(scenario())
+
+
+def test_no_r2t_before_connect(soft_target, tmp_path) -> None:
+    """An unconnected peer gets Command Sequence Error, not a buffer waiting for its data."""
+
+    async def scenario() -> None:
+        async with bad_input_rig(soft_target, tmp_path) as rig:
+            q = await rig.raw()
+            sqe = Sqe(0x01, cid=9)  # an admin opcode that moves data to the controller
+            await q.send_raw(capsule(q.dg, sqe, sgl_len=1 << 17))
+            async with asyncio.timeout(5):
+                done = await q.recv()
+            assert not isinstance(done, R2T), "the target offered a buffer before Connect"
+            assert status_code(done.cqe.status) == Status.COMMAND_SEQUENCE_ERROR
             await rig.check()
 
     run(scenario())

@@ -291,6 +291,9 @@ class Connection(asyncio.BufferedProtocol):
             if data is not None:
                 raise PduError(Fes.INVALID_HEADER_FIELD, 4, "in-capsule data with a transport SGL")
             length = sgl_len
+        elif xfer == 3 and sgl_id in (SGL_DATA_BLOCK_OFFSET, SGL_TRANSPORT_DATA_BLOCK):
+            self.complete(cid, Status.INVALID_OPCODE)  # no bidirectional commands exist on fabrics
+            return
         else:
             raise PduError(Fes.UNSUPPORTED_PARAMETER, 40, f"unsupported SGL 0x{sgl_id:02x}")
         if digest_error:
@@ -312,7 +315,9 @@ class Connection(asyncio.BufferedProtocol):
             return
         sqe = Sqe.unpack(self._buf, pos + 8)
         if needs_r2t:
-            if length > self.maxh2cdata:
+            if self.ctrl is None:  # no buffers for a peer that has not connected
+                self.complete(cid, Status.COMMAND_SEQUENCE_ERROR)
+            elif length > self.maxh2cdata:
                 self.complete(cid, Status.INVALID_FIELD)
             else:
                 self._start_r2t(cid, length, sqe, None)
@@ -320,6 +325,8 @@ class Connection(asyncio.BufferedProtocol):
         self._command(sqe, data if data is not None else b"")
 
     def _start_r2t(self, cid: int, length: int, sqe: Sqe | None, fields: tuple | None) -> None:
+        if len(self._writes) >= self._sq_mod:  # SQ flow control bounds what a host may have in flight
+            raise PduError(Fes.DATA_LIMIT_EXCEEDED, 0, f"more than {self._sq_mod} writes awaiting data")
         ttag = self._next_ttag
         while True:
             ttag = ttag % 0xFFFF + 1  # never 0
