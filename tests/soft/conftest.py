@@ -7,7 +7,6 @@ import contextlib
 import os
 import selectors
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from ports import free_port as free_port_now
 
 from appliance.nvmeof.spec import DISCOVERY_NQN
 from appliance.nvmeof.target.config import apply_target_config, parse_target_config
@@ -28,16 +28,10 @@ WIRE_HOSTNQN = "nqn.2014-08.org.nvmexpress:uuid:6b61687a-7465-7374-0000-00000000
 TEST_TIMEOUT = 20.0
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def free_port() -> Callable[[], int]:
     """A function returning a currently unused TCP port on 127.0.0.1."""
-    return _free_port
+    return free_port_now
 
 
 def run(coro: Any, timeout: float = TEST_TIMEOUT) -> Any:

@@ -24,7 +24,6 @@ import os
 import queue
 import re
 import shutil
-import socket
 import stat
 import subprocess
 import tempfile
@@ -35,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from ports import free_port
 
 CACHE_DIR = Path(__file__).resolve().parents[1] / ".cache"
 QEMU = "qemu-system-x86_64"
@@ -110,13 +110,6 @@ def require_guest() -> tuple[Path, str]:
     if kernel is None:
         pytest.skip("no readable /boot/vmlinuz-* with modules in /lib/modules (linux-image-amd64)")
     return kernel
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago (the kernel picks it)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ---------------------------------------------------------------- initramfs

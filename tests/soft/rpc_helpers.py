@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import json
 import os
-import socket
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -18,12 +17,6 @@ from appliance.spdk_rpc.rpc import SpdkRpc
 IO_TIMEOUT = 10.0
 HOSTNQN = "nqn.2014-08.org.nvmexpress:uuid:6f1f7a52-52a4-4cbe-9f8c-2b1e0a4d9c11"
 READS = frozenset({"nvmf_get_transports", "bdev_get_bdevs", "nvmf_get_subsystems"})
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextlib.asynccontextmanager

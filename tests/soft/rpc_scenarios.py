@@ -6,7 +6,8 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
-from rpc_helpers import CountingRpc, free_port, write_read_block
+from ports import free_port
+from rpc_helpers import CountingRpc, write_read_block
 
 from appliance.nvmeof.spec import DISCOVERY_NQN
 from appliance.spdk_rpc.lifecycle import NodeTarget

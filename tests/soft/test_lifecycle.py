@@ -10,7 +10,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from rpc_helpers import free_port, write_read_block
+from ports import free_port
+from rpc_helpers import write_read_block
 
 from appliance.spdk_rpc.lifecycle import Backoff, NodeTarget, spdk_command
 from appliance.spdk_rpc.nodeconfig import NodeConfig, parse_node_config

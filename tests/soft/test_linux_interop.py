@@ -13,7 +13,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from linux_guest import GUEST_IP, HOST_IP, Guest, GuestResult, free_port, run_guest
+from linux_guest import GUEST_IP, HOST_IP, Guest, GuestResult, run_guest
+from ports import free_port
 
 from appliance.nvmeof.host import Controller, discover
 

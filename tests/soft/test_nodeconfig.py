@@ -195,10 +195,7 @@ def test_load_reports_unreadable_and_malformed_files(tmp_path: Path) -> None:
     assert load_node_config(good).name == "node1"
 
 
-def test_cli_check_config(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
-    monkeypatch.setattr(cli_main, "GROUPS", ("node",))
+def test_cli_check_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     good = tmp_path / "node.yaml"
     good.write_text(FULL)
     assert cli_main.main(["node", "check-config", str(good)]) == 0

@@ -182,10 +182,7 @@ def test_real_mountinfo_has_the_root_file_system() -> None:
     assert mounts[f"{os.major(st.st_dev)}:{os.minor(st.st_dev)}"].startswith("/")
 
 
-def test_cli_prepare(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
-    monkeypatch.setattr(cli_main, "GROUPS", ("node",))
+def test_cli_prepare(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     sysfs = fake_sysfs(tmp_path / "sys")
     config = tmp_path / "node.yaml"
     config.write_text(yaml.safe_dump({

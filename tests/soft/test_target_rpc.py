@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from rpc_helpers import HOSTNQN, free_port, read_answer, request, soft_rpc_target, write_read_block
+from ports import free_port
+from rpc_helpers import HOSTNQN, read_answer, request, soft_rpc_target, write_read_block
 from spdk.rpc.client import JSONRPCClient, JSONRPCException
 
 from appliance.nvmeof.spec import DISCOVERY_NQN
