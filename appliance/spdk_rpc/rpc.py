@@ -10,6 +10,7 @@ with ``asyncio.to_thread``.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import threading
 import time
@@ -57,6 +58,8 @@ class SpdkRpc:
             try:
                 if not os.path.exists(path):
                     raise JSONRPCException(f"socket {path} does not exist")
+                # The client announces its own log level at INFO through its own handler: keep it quiet.
+                logging.getLogger(f"JSONRPCClient({path})").setLevel(logging.ERROR)
                 return cls(JSONRPCClient(path, timeout=timeout), path)
             except JSONRPCException as e:
                 if time.monotonic() >= deadline:
