@@ -1,5 +1,6 @@
 """NVM I/O through the soft target: in-capsule and R2T writes, reads with and without SUCCESS,
-digests, compare, write zeroes, deallocate, flush, validation, file-backed namespaces, many queues."""
+digests, compare, write zeroes, deallocate, flush, validation, file-backed namespaces, many queues,
+zero-copy reads behind a full socket, file reads that miss the page cache."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ import asyncio
 import os
 import struct
 
-from conftest import TEST_NQN, default_target_config, run
+import pytest
+from conftest import TEST_NQN, TEST_TIMEOUT, default_target_config, run
 from nvme_wire import open_controller, open_io_queue
 
 from appliance.nvmeof.pdu import CapsuleCmd, Sqe, encode
@@ -170,6 +172,72 @@ def test_many_queues_pipelined(soft_target) -> None:
                     tg.create_task(read_all(i, q))
             for q in queues:
                 await q.close()
+            await admin.close()
+
+    run(scenario())
+
+
+def run_on(loop: str, coro) -> None:
+    if loop == "uvloop":
+        uvloop = pytest.importorskip("uvloop")
+        uvloop.run(asyncio.wait_for(coro, TEST_TIMEOUT))
+    else:
+        run(coro)
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_reads_queued_behind_a_full_socket_keep_their_data(soft_target, loop) -> None:
+    """RAM reads go out as views of the bdev: what the socket cannot take at once must be a copy,
+    or a write executed after the reads would change data they still have to send."""
+
+    async def scenario() -> None:
+        async with soft_target() as t:
+            admin, q = await io_queue(t)
+            for conn in t.server._connections:  # keep reading commands however much output waits
+                conn.transport.set_write_buffer_limits(high=64 << 20)
+            old = os.urandom(128 * 1024)
+            assert (await q.write(RAM_NS, 0, old, 512, in_capsule=False)).status == 0
+            cids = []
+            for _ in range(64):  # 8 MiB the test does not take yet: the target's socket fills up
+                sqe = Sqe(IoOpcode.READ, cid=q.next_cid(), nsid=RAM_NS, cdw12=255)
+                cids.append(await q.submit(sqe, read_len=len(old)))
+            await asyncio.sleep(0.2)  # the target executes them all, in this loop
+            new = os.urandom(4096)  # the last 4 KiB of each read: still queued in the target
+            write = Sqe(IoOpcode.WRITE, cid=q.next_cid(), nsid=RAM_NS, cdw10=248, cdw12=7)
+            write_cid = await q.submit(write, new)
+            for cid in cids:
+                assert (await q.wait(cid)).data == old
+            assert (await q.wait(write_cid)).status == 0
+            assert (await q.read(RAM_NS, 0, 256, 512)).data == old[:-4096] + new
+            await q.close()
+            await admin.close()
+
+    run_on(loop, scenario())
+
+
+def test_file_reads_missing_the_page_cache(soft_target, tmp_path) -> None:
+    """Reads the page cache cannot answer at once are done by a worker thread instead."""
+
+    async def scenario() -> None:
+        async with soft_target() as t:
+            admin, q = await io_queue(t)
+            data = os.urandom(256 * 1024)
+            for i in range(2):
+                chunk = data[i * 131072 : (i + 1) * 131072]
+                assert (await q.write(FILE_NS, i * 32, chunk, 4096, in_capsule=False)).status == 0
+            assert (await q.command(Sqe(IoOpcode.FLUSH, cid=q.next_cid(), nsid=FILE_NS))).status == 0
+            fd = os.open(tmp_path / "ns2.img", os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+            cids = {}
+            for i in range(16):  # pipelined, so cached and uncached reads share receives
+                sqe = Sqe(IoOpcode.READ, cid=q.next_cid(), nsid=FILE_NS, cdw10=i * 4, cdw12=3)
+                cids[await q.submit(sqe, read_len=16384)] = i
+            for cid, i in cids.items():
+                assert (await q.wait(cid)).data == data[i * 16384 : (i + 1) * 16384]
+            await q.close()
             await admin.close()
 
     run(scenario())

@@ -2,13 +2,15 @@
 
 Received bytes land in one preallocated buffer; every complete PDU in it is handled before the
 protocol returns, and everything produced meanwhile (responses, R2Ts, C2H data) leaves in one
-``writelines``. Commands are decoded with precompiled structs straight from the buffer.
+``writev`` (see :meth:`Connection.flush`). Commands are decoded with precompiled structs straight
+from the buffer.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from typing import TYPE_CHECKING
 
 from crc32c import crc32c
@@ -62,6 +64,17 @@ DATA_pack = DATA_HDR.pack
 RESP_pack = CAPSULE_RESP.pack
 DIGEST_pack = DIGEST.pack
 DIGEST_unpack = DIGEST.unpack_from
+IOV_MAX = os.sysconf("SC_IOV_MAX")
+
+
+def _unsent(bufs: list, sent: int) -> bytes:
+    """A copy of what follows the first ``sent`` bytes of ``bufs``."""
+    for i, buf in enumerate(bufs):
+        n = len(buf)
+        if sent < n:
+            return bytes(memoryview(buf)[sent:]) + b"".join(bufs[i + 1 :])
+        sent -= n
+    return b""
 
 
 class PendingWrite:
@@ -69,9 +82,9 @@ class PendingWrite:
 
     __slots__ = ("buf", "cid", "digest_error", "fields", "received", "sqe")
 
-    def __init__(self, cid: int, length: int, sqe: Sqe | None, fields: tuple | None):
+    def __init__(self, cid: int, buf: bytearray, sqe: Sqe | None, fields: tuple | None):
         self.cid = cid
-        self.buf = bytearray(length)
+        self.buf = buf
         self.received = 0
         self.digest_error = False
         self.sqe = sqe  # admin and Fabrics commands
@@ -89,10 +102,9 @@ class Connection(asyncio.BufferedProtocol):
         self.io_icd = transport.in_capsule_data_size
         self.c2h_success = transport.c2h_success
         self._max_capsule = max(ADMIN_ICD_MAX, transport.in_capsule_data_size)
-        self._max_plen = {
-            PduType.CAPSULE_CMD: 72 + 8 + self._max_capsule,
-            PduType.H2C_DATA: 24 + 8 + self.maxh2cdata,
-        }
+        self._max_cmd_plen = 72 + 8 + self._max_capsule
+        self._max_h2c_plen = 24 + 8 + self.maxh2cdata
+        self._max_plen = {PduType.CAPSULE_CMD: self._max_cmd_plen, PduType.H2C_DATA: self._max_h2c_plen}
         size = max(self._max_plen.values()) + RECV_SLACK
         self._buf = bytearray(size)
         self._view = memoryview(self._buf)
@@ -101,6 +113,7 @@ class Connection(asyncio.BufferedProtocol):
         self._checked = -1  # buffer position whose common header has been validated
         self._out: list = []
         self.transport: asyncio.Transport | None = None
+        self._fd = -1
         self.peer = ""
         self.closed = False
         self._ic_done = False
@@ -118,13 +131,15 @@ class Connection(asyncio.BufferedProtocol):
         self.hdl = 4 if header else 0
         self.ddl = 4 if data else 0
         self.hflag = PduFlag.HDGSTF.value if header else 0
-        self._cmd_plen = 72 + self.hdl
+        self._data_flags = self.hflag | (DDGSTF if data else 0)
+        self._bare_cmd = (PduType.CAPSULE_CMD.value, self.hflag, 72, 0, 72 + self.hdl)  # without data
         self._resp_plen = 24 + self.hdl
 
     # ------------------------------------------------------------------ asyncio protocol
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        self._fd = transport.get_extra_info("socket").fileno()
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
         self.server.connection_made(self)
@@ -162,9 +177,37 @@ class Connection(asyncio.BufferedProtocol):
     # ------------------------------------------------------------------ output
 
     def flush(self) -> None:
-        if self._out and not self.closed:
-            self.transport.writelines(self._out)
-        self._out = []
+        """Send everything queued with one ``writev`` on the socket, then forget the buffers.
+
+        Queued buffers may be views of a RAM bdev (zero-copy reads), which a later write command
+        changes in place, so none may outlive this call. A transport would keep them: uvloop queues
+        views, not copies, of what the socket does not take at once. So the socket gets them
+        directly while the transport has nothing queued (keeping the byte order), and only what the
+        socket refuses is copied into the transport, which then sends it and applies flow control.
+        """
+        out, self._out = self._out, []
+        if out and not self.closed:
+            self._send(out)
+        if self.io is not None:
+            self.io.reclaim()
+
+    def _send(self, out: list) -> None:
+        transport = self.transport
+        if transport.get_write_buffer_size() or transport.is_closing():
+            transport.write(b"".join(out))
+            return
+        for start in range(0, len(out), IOV_MAX):
+            part = out[start : start + IOV_MAX]
+            try:
+                sent = os.writev(self._fd, part)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError:  # a broken connection: the transport reports it and closes
+                transport.write(b"".join(out[start:]))
+                return
+            if sent < sum(map(len, part)):
+                transport.write(_unsent(part, sent) + b"".join(out[start + IOV_MAX :]))
+                return
 
     def close(self) -> None:
         """Close after sending what is queued (controller teardown, TermReq)."""
@@ -219,10 +262,10 @@ class Connection(asyncio.BufferedProtocol):
                 end = self._end
                 if end - pos < 8:
                     break
-                ptype, flags, hlen, pdo, plen = CH_unpack(buf, pos)
+                header = CH_unpack(buf, pos)
+                ptype, flags, _, pdo, plen = header
                 if pos != self._checked:
-                    if not (ptype == 4 and plen == self._cmd_plen and hlen == 72 and flags == self.hflag
-                            and pdo == 0 and self._ic_done):  # fmt: skip
+                    if not (self._ic_done and (header == self._bare_cmd or self._data_header_ok(*header))):
                         self._check_common_header(pos, ptype)
                     self._checked = pos
                 if end - pos < plen:
@@ -240,6 +283,14 @@ class Connection(asyncio.BufferedProtocol):
         except PduError as e:
             self._terminate(e, pos)
         self._start = pos
+
+    def _data_header_ok(self, ptype: int, flags: int, hlen: int, pdo: int, plen: int) -> bool:
+        """The usual capsule with data or H2CData, which ``check_header`` would accept too."""
+        if pdo != hlen + self.hdl or plen <= pdo + self.ddl:
+            return False
+        if ptype == 4:
+            return hlen == 72 and flags == self._data_flags and plen <= self._max_cmd_plen
+        return ptype == 6 and hlen == 24 and flags & ~LAST == self._data_flags and plen <= self._max_h2c_plen
 
     def _check_common_header(self, pos: int, ptype: int) -> None:
         if ptype in HOST_TYPES and (ptype == PduType.IC_REQ) == self._ic_done:
@@ -333,7 +384,8 @@ class Connection(asyncio.BufferedProtocol):
             if ttag not in self._writes:
                 break
         self._next_ttag = ttag
-        self._writes[ttag] = PendingWrite(cid, length, sqe, fields)
+        buf = self.io.buffers.take(length) if fields else bytearray(length)
+        self._writes[ttag] = PendingWrite(cid, buf, sqe, fields)
         self._send_r2t(cid, ttag, length)
 
     def _on_h2c_data(self, pos: int, flags: int, pdo: int, plen: int) -> None:

@@ -69,6 +69,17 @@ class Bdev:
     def readinto(self, offset: int, buf: memoryview) -> None:
         raise NotImplementedError
 
+    def view(self, offset: int, length: int) -> memoryview | None:
+        """The data in place, when the bdev holds it in memory; None when it must be read."""
+        return None
+
+    def readinto_nowait(self, offset: int, buf: memoryview) -> bool:
+        """``readinto`` if that cannot block; False (nothing read) if it might."""
+        if self.blocking:
+            return False
+        self.readinto(offset, buf)
+        return True
+
     def write(self, offset: int, data: memoryview | bytes) -> None:
         raise NotImplementedError
 
@@ -98,6 +109,10 @@ class MallocBdev(Bdev):
 
     def readinto(self, offset: int, buf: memoryview) -> None:
         buf[:] = self._view[offset : offset + len(buf)]
+
+    def view(self, offset: int, length: int) -> memoryview:
+        """Zero-copy reads: the next write to these blocks changes what the view shows."""
+        return self._view[offset : offset + length]
 
     def write(self, offset: int, data: memoryview | bytes) -> None:
         self._view[offset : offset + len(data)] = data
@@ -136,11 +151,26 @@ class FileBdev(Bdev):
         super().__init__(name, block_size, size // block_size, uuid)
         self.filename = filename
         self.fd = fd
+        self._nowait = True  # RWF_NOWAIT reads work here until the kernel says otherwise
 
     def readinto(self, offset: int, buf: memoryview) -> None:
         done = os.preadv(self.fd, [buf], offset)
         if done < len(buf):  # past end of a sparse/short file: zeroes
             buf[done:] = bytes(len(buf) - done)
+
+    def readinto_nowait(self, offset: int, buf: memoryview) -> bool:
+        """Read data the page cache holds (RWF_NOWAIT), sparing the thread hand-off; else False."""
+        if not self._nowait:
+            return False
+        try:
+            return os.preadv(self.fd, [buf], offset, os.RWF_NOWAIT) == len(buf)
+        except BlockingIOError:
+            return False
+        except OSError as e:
+            if e.errno != errno.EOPNOTSUPP:
+                raise
+            self._nowait = False
+            return False
 
     def write(self, offset: int, data: memoryview | bytes) -> None:
         view = memoryview(data)
