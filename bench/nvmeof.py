@@ -1,10 +1,11 @@
 """NVMe/TCP host benchmark: the Kahu host against the soft target, next to the raw file as yardstick.
 
 The soft target runs as its own process (``kahu target serve``) over a file-backed namespace, so
-host and target use separate cores. Workloads: 4 KiB random read/write at QD1 and QD32, 128 KiB
-sequential read/write at QD16, each on 1 and 4 I/O queues. The yardstick reads and writes the same
-backing file with ``os.preadv``/``os.pwritev`` at the same sizes: QD1 on one thread, deeper queue
-depths on a thread pool. Prints a table, writes bench/results/nvmeof.json and nvmeof.png.
+host and target use separate cores; the host runs on uvloop when installed, like ``kahu nvme perf``.
+Workloads: 4 KiB random read/write at QD1 and QD32, 128 KiB sequential read/write at QD16, each on
+1 and 4 I/O queues. The yardstick reads and writes the same backing file with
+``os.preadv``/``os.pwritev`` at the same sizes: QD1 on one thread, deeper queue depths on a thread
+pool. Prints a table, writes bench/results/nvmeof.json and nvmeof.png.
 
     .venv/bin/python bench/nvmeof.py [--quick]
 """
@@ -12,7 +13,6 @@ depths on a thread pool. Prints a table, writes bench/results/nvmeof.json and nv
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import random
@@ -28,6 +28,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from appliance.cli.nvme import run_loop  # noqa: E402  (uvloop when installed, as for `kahu nvme perf`)
 from appliance.nvmeof.host import Controller  # noqa: E402
 from appliance.nvmeof.host.perf import PerfResult, percentile, run_perf  # noqa: E402
 
@@ -200,7 +201,7 @@ def main() -> int:
         try:
             for pattern, io_size, qd in WORKLOADS:
                 for queues in QUEUES:
-                    r = asyncio.run(host_run(addr, port, pattern, io_size, qd, queues, seconds))
+                    r = run_loop(host_run(addr, port, pattern, io_size, qd, queues, seconds))
                     rows.append(r.as_dict())
         finally:
             proc.terminate()

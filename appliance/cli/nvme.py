@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict
 from pathlib import Path
+
+try:  # cheaper socket I/O and callbacks than the default loop (lower latency, more IOPS); optional
+    from uvloop import run as run_loop
+except ImportError:
+    from asyncio import run as run_loop
 
 from ..nvmeof.host import Controller, NvmeError, discover
 from ..nvmeof.host.perf import PATTERNS, run_perf
@@ -109,7 +113,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _run(work: Awaitable[int]) -> int:
     try:
-        return asyncio.run(work)
+        return run_loop(work)
     except NvmeError as e:
         print(f"kahu nvme: {e}", file=sys.stderr)
         return 1

@@ -16,7 +16,7 @@ import pytest
 
 from appliance.nvmeof.host import Controller, NvmeError, discover
 from appliance.nvmeof.host.queue import Queue
-from appliance.nvmeof.spec import DISCOVERY_NQN, Status
+from appliance.nvmeof.spec import DISCOVERY_NQN, IoOpcode, Status
 from appliance.nvmeof.target.model import Bdev, ListenAddress, MallocBdev, Subsystem, Transport
 from appliance.nvmeof.target.server import TargetServer
 
@@ -217,6 +217,56 @@ def test_lba_out_of_range_is_an_nvme_error() -> None:
             assert "READ" in str(failed.value) and "LBA_OUT_OF_RANGE" in str(failed.value)
             buf = bytearray(512)  # the queue is still usable afterwards
             await ctrl.read(1, 16384 - 1, buf)
+
+    run(body())
+
+
+def test_start_io_callbacks() -> None:
+    """``start_io``: fast-path writes/reads, MDTS-split ones (slow path) and errors all reach ``done``."""
+
+    async def body():
+        async with connected(connect={"io_queues": 2, "queue_depth": 4}, c2h_success=True) as (server, ctrl):
+            loop = asyncio.get_running_loop()
+            ended: dict[object, asyncio.Future] = {}
+
+            def done(ctx: object, error: BaseException | None) -> None:
+                ended[ctx].set_result(error)
+
+            def start(opcode: IoOpcode, lba: int, buf, ctx: object) -> asyncio.Future:
+                ended[ctx] = loop.create_future()
+                ctrl.start_io(opcode, 1, lba, buf, done, ctx)
+                return ended[ctx]
+
+            data = {lba: os.urandom(4096) for lba in range(0, 16 * 8, 8)}  # 16 I/Os on 8 slots
+            assert (
+                await asyncio.gather(*(start(IoOpcode.WRITE, lba, d, lba) for lba, d in data.items()))
+                == [None] * 16
+            )
+            bufs = {lba: bytearray(4096) for lba in data}
+            await asyncio.gather(*(start(IoOpcode.READ, lba, bufs[lba], ("r", lba)) for lba in data))
+            assert all(bufs[lba] == data[lba] for lba in data)
+            big = bytearray(1 << 20)  # above MDTS: split, through a task
+            assert await start(IoOpcode.READ, 0, big, "big") is None
+            assert big[: 16 * 4096] == b"".join(data.values())
+            error = await start(IoOpcode.READ, 16384 - 1, bytearray(1024), "bad")
+            assert isinstance(error, NvmeError) and error.status == Status.LBA_OUT_OF_RANGE
+            with pytest.raises(ValueError):
+                ctrl.start_io(IoOpcode.FLUSH, 1, 0, bytearray(512), done)
+            assert bdev_bytes(server, "m0", 0, 4096) == data[0]
+
+    run(body())
+
+
+def test_raising_completion_callback_leaves_the_queue_working() -> None:
+    async def body():
+        async with connected() as (_, ctrl):
+            loop = asyncio.get_running_loop()
+            reported: list[dict] = []
+            loop.set_exception_handler(lambda _, context: reported.append(context))
+            ctrl.start_io(IoOpcode.READ, 1, 0, bytearray(512), lambda ctx, error: 1 / 0)
+            buf = bytearray(512)
+            await ctrl.read(1, 0, buf)
+            assert len(reported) == 1 and isinstance(reported[0]["exception"], ZeroDivisionError)
 
     run(body())
 

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import operator
 import uuid as uuidlib
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from ..identify import IdentifyController, IdentifyNamespace, NamespaceIds, unpack_nsid_list
 from ..pdu import Sqe
@@ -51,6 +53,10 @@ OAES_NOTICES = (1 << 8) | (1 << 9) | (1 << 11)
 MAX_NLB = 1 << 16
 POLL_INTERVAL = 0.01
 IO_ATTEMPTS = 3
+_TO_TARGET = {IoOpcode.READ: False, IoOpcode.WRITE: True, IoOpcode.COMPARE: True}
+
+IoDone = Callable[[Any, BaseException | None], None]
+"""The callback of :meth:`Controller.start_io`: ``done(ctx, error)``, error None on success."""
 
 
 def default_hostnqn() -> str:
@@ -117,6 +123,7 @@ class Controller:
         self._tasks: list[asyncio.Task] = []
         self._supervisor: asyncio.Task | None = None
         self._ns_changed = asyncio.Event()
+        self._io_tasks: set[asyncio.Task] = set()  # slow-path I/O of start_io
 
     # ------------------------------------------------------------------ connect / close
 
@@ -560,12 +567,7 @@ class Controller:
     def _pick(self) -> Queue:
         """The I/O queue with the fewest commands outstanding."""
         queues = self._io
-        best = queues[0]
-        if len(queues) > 1:
-            for queue in queues:
-                if queue.outstanding < best.outstanding:
-                    best = queue
-        return best
+        return queues[0] if len(queues) == 1 else min(queues, key=_outstanding)
 
     def _limits_for(self, namespaces: dict[int, NamespaceInfo], ident: IdentifyController, cap: int) -> None:
         """Per namespace: (block size, most blocks per command given MDTS and the 16-bit NLB)."""
@@ -587,12 +589,50 @@ class Controller:
         """Raises NvmeError COMPARE_FAILURE when the blocks differ from ``data``."""
         await self._transfer(IoOpcode.COMPARE, nsid, slba, data, True)
 
-    async def _transfer(self, opcode: int, nsid: int, slba: int, buf, to_target: bool) -> None:
+    def start_io(self, opcode: int, nsid: int, slba: int, buf, done: IoDone, ctx: Any = None) -> None:
+        """Start a Read, Write or Compare; ``done(ctx, error)`` runs when it has ended (error None if ok).
+
+        For load generators: it behaves like :meth:`read`/:meth:`write` (MDTS splitting, waiting out
+        a reconnect, re-issue after a transport error), but the common case, one command on a
+        queue with a free slot, costs no Future or task. Bad arguments raise here.
+        """
+        to_target = _TO_TARGET.get(opcode)
+        if to_target is None:
+            raise ValueError(f"start_io takes Read, Write or Compare, not opcode 0x{opcode:02x}")
+        view, nlb, chunk = self._io_buffer(nsid, buf, to_target)
+        queue = self._pick()
+        if nlb <= chunk and queue.can_start:
+            args = (opcode, nsid, slba, nlb, view, to_target, done, ctx)
+            queue.start_rw(opcode, nsid, slba, nlb, view, to_target, self._io_done, args)
+        else:
+            self._io_task(self._transfer(opcode, nsid, slba, view, to_target), done, ctx)
+
+    def _io_done(self, args: tuple, result: int, error: NvmeError | None) -> None:
+        """Queue callback of :meth:`start_io`: after a transport error re-issue like :meth:`_transfer`."""
+        opcode, nsid, slba, nlb, view, to_target, done, ctx = args
+        if isinstance(error, NvmeTransportError) and not self._closing:
+            self._io_task(self._reissue(opcode, nsid, slba, nlb, view, to_target), done, ctx)
+        else:
+            done(ctx, error)
+
+    def _io_task(self, work: Coroutine[Any, Any, None], done: IoDone, ctx: Any) -> None:
+        """Run ``work`` as a task that reports to ``done`` (the slow path of :meth:`start_io`)."""
+        task = asyncio.create_task(work)
+        self._io_tasks.add(task)
+
+        def finished(task: asyncio.Task) -> None:
+            self._io_tasks.discard(task)
+            done(ctx, asyncio.CancelledError() if task.cancelled() else task.exception())
+
+        task.add_done_callback(finished)
+
+    def _io_buffer(self, nsid: int, buf, to_target: bool) -> tuple[memoryview, int, int]:
+        """Check an I/O buffer: (byte view of it, blocks, most blocks per command)."""
         limits = self._limits.get(nsid)
         if limits is None:
             raise NvmeError(Status.INVALID_NAMESPACE, f"{self.subnqn} has no active namespace {nsid}")
         block_size, chunk = limits
-        view = memoryview(buf)
+        view = buf if type(buf) is memoryview else memoryview(buf)
         if view.format != "B" or view.ndim != 1:
             view = view.cast("B")
         size = len(view)
@@ -600,21 +640,31 @@ class Controller:
             raise ValueError(f"buffer length {size} is not a positive multiple of {block_size}")
         if not to_target and view.readonly:
             raise ValueError("read buffer must be writable")
-        nlb = size // block_size
+        return view, size // block_size, chunk
+
+    async def _transfer(self, opcode: int, nsid: int, slba: int, buf, to_target: bool) -> None:
+        view, nlb, chunk = self._io_buffer(nsid, buf, to_target)
+        block_size = len(view) // nlb
         if nlb <= chunk:
             try:  # the common case, without the retry loop
                 return await self._pick().rw(opcode, nsid, slba, nlb, view, to_target)
             except NvmeTransportError:
                 if self._closing:
                     raise
-            await self._await_ready()
-            return await self._rw(opcode, nsid, slba, nlb, view, to_target)
+            return await self._reissue(opcode, nsid, slba, nlb, view, to_target)
         parts = [
             self._rw(opcode, nsid, slba + i, min(chunk, nlb - i),
                      view[i * block_size : (i + min(chunk, nlb - i)) * block_size], to_target)
             for i in range(0, nlb, chunk)
         ]  # fmt: skip
         await asyncio.gather(*parts)
+
+    async def _reissue(
+        self, opcode: int, nsid: int, slba: int, nlb: int, view: memoryview, to_target: bool
+    ) -> None:
+        """After a transport error: wait for the reconnect, then run the command again."""
+        await self._await_ready()
+        await self._rw(opcode, nsid, slba, nlb, view, to_target)
 
     async def _rw(
         self, opcode: int, nsid: int, slba: int, nlb: int, view: memoryview, to_target: bool
@@ -659,6 +709,9 @@ class Controller:
             data[16 * i + 8 : 16 * i + 16] = slba.to_bytes(8, "little")
         sqe = Sqe(IoOpcode.DATASET_MANAGEMENT, nsid=nsid, cdw10=len(ranges) - 1, cdw11=0x4)
         await self._io_command(sqe, bytes(data))
+
+
+_outstanding = operator.attrgetter("outstanding")
 
 
 def _identify(cns: int, nsid: int = 0) -> Sqe:

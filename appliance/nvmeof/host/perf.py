@@ -1,6 +1,7 @@
 """A closed-loop I/O load generator (like ``spdk_nvme_perf``) for ``kahu nvme perf`` and the benchmark.
 
-``qd`` coroutines each keep one command in flight for ``seconds``; latency is measured per command
+``qd`` commands are kept in flight for ``seconds``: each completion callback starts the next one
+(``Controller.start_io``), so there is no task or Future per I/O. Latency is measured per command
 from submission to completion.
 """
 
@@ -11,9 +12,11 @@ import random
 import time
 from dataclasses import asdict, dataclass
 
+from ..spec import IoOpcode
 from .controller import Controller
 
 PATTERNS = ("randread", "randwrite", "read", "write")
+_clock = time.perf_counter_ns
 
 
 @dataclass(slots=True)
@@ -60,39 +63,69 @@ async def run_perf(
     slots = min(ns.num_blocks, (region_bytes or ns.num_blocks * ns.block_size) // ns.block_size) // nlb
     if slots < 1:
         raise ValueError(f"namespace {nsid} is smaller than one {io_size}-byte I/O")
-    op = ctrl.read if pattern.endswith("read") else ctrl.write
-    sequential = not pattern.startswith("rand")
-    latencies: list[int] = []
-    cursor = 0
-    clock = time.perf_counter_ns
-    deadline = clock() + int(seconds * 1e9)
-
-    async def worker() -> None:
-        nonlocal cursor
-        buf = memoryview(bytearray(random.randbytes(io_size)))
-        uniform = random.random
-        record = latencies.append
-        while True:
-            if sequential:
-                lba = cursor * nlb
-                cursor = (cursor + 1) % slots
-            else:
-                lba = int(uniform() * slots) * nlb
-            start = clock()
-            await op(nsid, lba, buf)
-            end = clock()
-            record(end - start)
-            if end >= deadline:
-                return
-
-    began = clock()
-    async with asyncio.TaskGroup() as group:
-        for _ in range(qd):
-            group.create_task(worker())
-    elapsed = (clock() - began) / 1e9
-    latencies.sort()
+    opcode = IoOpcode.READ if pattern.endswith("read") else IoOpcode.WRITE
+    load = _ClosedLoop(ctrl, nsid, opcode, io_size, nlb, slots, not pattern.startswith("rand"), qd, seconds)
+    began = _clock()
+    await load.run()
+    elapsed = (_clock() - began) / 1e9
+    latencies = sorted(load.latencies)
     ios = len(latencies)
     return PerfResult(
         pattern, io_size, qd, ctrl.io_queues, ios, elapsed, ios / elapsed, ios * io_size / elapsed / 1e6,
         percentile(latencies, 0.50) / 1e3, percentile(latencies, 0.99) / 1e3,
     )  # fmt: skip
+
+
+class _ClosedLoop:
+    """``qd`` I/O slots with a buffer each; a completion restarts its slot until the deadline."""
+
+    def __init__(
+        self, ctrl: Controller, nsid: int, opcode: int, io_size: int, nlb: int, slots: int, sequential: bool,
+        qd: int, seconds: float,
+    ):  # fmt: skip
+        self.ctrl = ctrl
+        self.nsid = nsid
+        self.opcode = opcode
+        self.nlb = nlb
+        self.slots = slots
+        self.sequential = sequential
+        self.buffers = [memoryview(bytearray(random.randbytes(io_size))) for _ in range(qd)]
+        self.started = [0] * qd
+        self.latencies: list[int] = []
+        self.cursor = 0
+        self.running = 0
+        self.deadline = _clock() + int(seconds * 1e9)
+        self.finished: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    async def run(self) -> None:
+        """Start every slot; return when all have stopped, or raise the first error."""
+        for slot in range(len(self.buffers)):
+            self.running += 1
+            self._issue(slot)
+        await self.finished
+
+    def _issue(self, slot: int) -> None:
+        if self.sequential:
+            lba = self.cursor * self.nlb
+            self.cursor = (self.cursor + 1) % self.slots
+        else:
+            lba = int(random.random() * self.slots) * self.nlb
+        self.started[slot] = _clock()
+        self.ctrl.start_io(self.opcode, self.nsid, lba, self.buffers[slot], self._done, slot)
+
+    def _done(self, slot: int, error: BaseException | None) -> None:
+        end = _clock()
+        if error is None:
+            self.latencies.append(end - self.started[slot])
+            if end < self.deadline and not self.finished.done():
+                try:
+                    return self._issue(slot)
+                except Exception as e:
+                    error = e
+        self.running -= 1
+        if self.finished.done():
+            return
+        if error is not None:
+            self.finished.set_exception(error)
+        elif not self.running:
+            self.finished.set_result(None)

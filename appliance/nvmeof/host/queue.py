@@ -2,10 +2,12 @@
 
 Receive path: a BufferedProtocol parses every complete PDU in a large preallocated buffer per
 receive; while a C2HData payload is outstanding, ``get_buffer`` hands out the caller's own buffer
-slice so the kernel copies the data straight into it. Send path: capsules from many coroutines are
-corked in a list and written once per event-loop iteration. Per command there is a CID from a free
-list (at most SQSIZE outstanding, so SQ flow control holds) and one Future; everything else lives
-in per-CID slot lists.
+slice so the kernel copies the data straight into it. Send path: PDUs are corked in a list and
+written once per event-loop iteration, or at the end of the receive whose completions produced
+them. Per command there is a CID from a free list (at most SQSIZE outstanding, so SQ flow control
+holds) and a completion callback with its context; everything else lives in per-CID slot lists.
+The awaitable API (:meth:`Queue.command`, :meth:`Queue.rw`) settles a Future from that callback;
+load generators call :meth:`Queue.start_rw` and get the callback directly, with no Future or task.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import struct
 import uuid
 from collections import deque
 from collections.abc import Callable
+from typing import Any
 
 from crc32c import crc32c
 
@@ -52,6 +55,20 @@ _FABRICS = int(AdminOpcode.FABRICS)
 DATA_UNPACK = DATA_HDR.unpack_from
 RESP_UNPACK = CAPSULE_RESP.unpack_from
 PLEN_UNPACK = struct.Struct("<I").unpack_from
+
+
+Done = Callable[[Any, int, "NvmeError | None"], None]
+"""A completion callback, ``done(ctx, result, error)``: CQE DW0 | DW1 << 32, or the error."""
+
+
+def settle(fut: asyncio.Future[int], result: int, error: NvmeError | None) -> None:
+    """The :data:`Done` callback behind the awaitable API: complete ``fut`` unless it was cancelled."""
+    if fut.done():
+        return
+    if error is None:
+        fut.set_result(result)
+    else:
+        fut.set_exception(error)
 
 
 def command_name(qid: int, opcode: int, fctype: int) -> str:
@@ -96,7 +113,8 @@ class Queue(asyncio.BufferedProtocol):
         # Send corking.
         self._out: list = []
         self._flush_handle: asyncio.Handle | None = None
-        # Receive buffer and the C2HData payload being received.
+        self._parsing = False  # inside a receive: what it corks is written when it ends
+        # Receive buffer and the C2HData payload being received across receives.
         self._rbuf = bytearray(RECV_BUFFER)
         self._rview = memoryview(self._rbuf)
         self._end = 0
@@ -109,7 +127,8 @@ class Queue(asyncio.BufferedProtocol):
         self._cur_start = 0
         # Command slots, indexed by CID.
         self.depth = depth
-        self._futs: list[asyncio.Future | None] = [None] * depth
+        self._done: list[Done | None] = [None] * depth
+        self._ctx: list[Any] = [None] * depth
         self._dest: list[memoryview | None] = [None] * depth
         self._src: list[memoryview | None] = [None] * depth
         self._next_off = [0] * depth
@@ -186,6 +205,11 @@ class Queue(asyncio.BufferedProtocol):
     def closed(self) -> bool:
         return self._closed
 
+    @property
+    def can_start(self) -> bool:
+        """True when :meth:`start_rw` would be accepted: connected with a free command slot."""
+        return bool(self._free) and not self._closed
+
     # ------------------------------------------------------------------ asyncio protocol
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -199,11 +223,9 @@ class Queue(asyncio.BufferedProtocol):
             self._fatal = (f"{self.name}: connection lost" + (f": {exc}" if exc else ""), None, None)
         if self._ic and not self._ic.done():
             self._ic.set_exception(self._error())
-        for cid, fut in enumerate(self._futs):
-            if fut is not None:
-                self._futs[cid] = None
-                if not fut.done():
-                    fut.set_exception(self._error())
+        for cid, done in enumerate(self._done):
+            if done is not None:
+                self._fail(cid, self._error())
         while self._slot_waiters:
             waiter = self._slot_waiters.popleft()
             if not waiter.done():
@@ -233,7 +255,13 @@ class Queue(asyncio.BufferedProtocol):
             self._sink = None
         else:
             self._end += nbytes
-        self._parse()
+        self._parsing = True
+        try:
+            self._parse()
+        finally:
+            self._parsing = False
+        if self._out:
+            self._flush()
 
     def eof_received(self) -> bool:
         return False
@@ -243,9 +271,11 @@ class Queue(asyncio.BufferedProtocol):
     def _parse(self) -> None:
         view = self._rview
         pos, end = 0, self._end
+        hd, dd = self._hd, self._dd
         while not self._closed:
-            if self._cur_cid >= 0:
-                if self._cur_left:  # payload bytes already in the receive buffer
+            cid = self._cur_cid
+            if cid >= 0:  # a C2HData payload begun in an earlier receive
+                if self._cur_left:  # its bytes that are in the receive buffer
                     n = min(self._cur_left, end - pos)
                     off = self._cur_off
                     self._cur_dest[off : off + n] = view[pos : pos + n]  # type: ignore[index]
@@ -256,25 +286,38 @@ class Queue(asyncio.BufferedProtocol):
                         self._sink = self._cur_dest[self._cur_off : self._cur_off + self._cur_left]  # type: ignore[index]
                         pos = end
                         break
-                if end - pos < self._dd:
+                if end - pos < dd:
                     break
-                self._data_done(view, pos)
-                pos += self._dd
+                dest, self._cur_dest, self._cur_cid = self._cur_dest, None, -1
+                self._data_done(cid, self._cur_flags, dest, self._cur_start, self._cur_off, view, pos)  # type: ignore[arg-type]
+                pos += dd
                 continue
             if end - pos < 24:  # every controller-to-host PDU is at least 24 bytes
                 break
             ptype = view[pos]
             if ptype == _C2H_DATA:
                 _, flags, hlen, pdo, plen, cid, _, datao, datal = DATA_UNPACK(view, pos)
-                need = pdo or hlen + self._hd
+                need = pdo or hlen + hd
                 if end - pos < need:
                     break
-                if not self._c2h_header(view, pos, flags, hlen, pdo, plen, cid, datao, datal):
+                dest = self._c2h_header(view, pos, flags, hlen, pdo, plen, cid, datao, datal)
+                if dest is None:
                     return
                 pos += need
+                stop = datao + datal
+                if end - pos < datal + dd:  # the payload continues in later receives
+                    self._cur_cid, self._cur_dest, self._cur_flags = cid, dest, flags
+                    self._cur_start = self._cur_off = datao
+                    self._cur_left = datal
+                    continue
+                dest[datao:stop] = view[pos : pos + datal]
+                pos += datal
+                if dd or flags & _SUCCESS:
+                    self._data_done(cid, flags, dest, datao, stop, view, pos)
+                pos += dd
                 continue
             plen = PLEN_UNPACK(view, pos + 4)[0]
-            if plen > len(view) or plen < 24:
+            if plen > RECV_BUFFER or plen < 24:
                 self._protocol_error(
                     Fes.INVALID_HEADER_FIELD, 4, f"PDU with PLEN {plen}", view[pos : pos + 8]
                 )
@@ -306,10 +349,10 @@ class Queue(asyncio.BufferedProtocol):
     def _c2h_header(
         self, view: memoryview, pos: int, flags: int, hlen: int, pdo: int, plen: int, cid: int, datao: int,
         datal: int,
-    ) -> bool:  # fmt: skip
-        """Check a C2HData header and make its payload the one being received."""
+    ) -> memoryview | None:  # fmt: skip
+        """Check a C2HData header; returns the buffer its payload belongs in, None after an error."""
         if self._hd and not self._check_hdgst(view, pos, hlen, flags):
-            return False
+            return None
         dest = self._dest[cid] if cid < self.depth else None
         dd = 4 if flags & _DDGSTF else 0
         problem = None
@@ -325,27 +368,18 @@ class Queue(asyncio.BufferedProtocol):
             problem = Fes.INVALID_HEADER_FIELD, 1, "C2HData SUCCESS without LAST_PDU"
         if problem:
             self._protocol_error(*problem, view[pos : pos + 24])
-            return False
+            return None
         self._next_off[cid] = datao + datal
-        self._cur_cid = cid
-        self._cur_dest = dest
-        self._cur_off = self._cur_start = datao
-        self._cur_left = datal
-        self._cur_flags = flags
-        return True
+        return dest
 
-    def _data_done(self, view: memoryview, pos: int) -> None:
-        """The current C2HData payload is complete; ``pos`` is where its data digest sits."""
-        cid, flags = self._cur_cid, self._cur_flags
-        self._cur_cid = -1
-        dest = self._cur_dest
-        self._cur_dest = None
-        if self._dd:
-            received = crc32c(dest[self._cur_start : self._cur_off])  # type: ignore[index]
-            if received != DIGEST.unpack_from(view, pos)[0]:
-                self._digest_bad[cid] = True
+    def _data_done(
+        self, cid: int, flags: int, dest: memoryview, start: int, stop: int, view: memoryview, pos: int
+    ) -> None:
+        """``dest[start:stop]`` holds a complete C2HData payload; its data digest, if any, is at ``pos``."""
+        if self._dd and crc32c(dest[start:stop]) != DIGEST.unpack_from(view, pos)[0]:
+            self._digest_bad[cid] = True
         if flags & _SUCCESS:
-            if self._next_off[cid] != len(dest):  # type: ignore[arg-type]
+            if stop != len(dest):
                 self._complete(cid, Status.DATA_TRANSFER_ERROR, 0, "short data-in")
             else:
                 self._complete(cid, 0, 0)
@@ -357,7 +391,7 @@ class Queue(asyncio.BufferedProtocol):
             return False
         if self._hd and not self._check_hdgst(view, pos, hlen, flags):
             return False
-        if cid >= self.depth or self._futs[cid] is None:
+        if cid >= self.depth or self._done[cid] is None:
             self._protocol_error(
                 Fes.INVALID_HEADER_FIELD, 20, f"CapsuleResp for idle CID {cid}", view[pos : pos + 24]
             )
@@ -427,19 +461,33 @@ class Queue(asyncio.BufferedProtocol):
     # ------------------------------------------------------------------ completion
 
     def _complete(self, cid: int, code: int, result: int, detail: str = "") -> None:
-        fut = self._futs[cid]
-        self._futs[cid] = None
-        self._dest[cid] = None
-        self._src[cid] = None
+        """The controller ended command ``cid``: free the slot first, so the callback may reuse it."""
         if self._digest_bad[cid]:
             self._digest_bad[cid] = False
             code, detail = Status.DATA_TRANSFER_ERROR, "data digest mismatch"
-        if fut is not None and not fut.done():
-            if code:
-                fut.set_exception(self._status_error(cid, code, result, detail))
-            else:
-                fut.set_result(result)
-        self._release(cid)
+        error = self._status_error(cid, code, result, detail) if code else None
+        done, ctx = self._done[cid], self._ctx[cid]
+        self._done[cid] = self._ctx[cid] = self._dest[cid] = self._src[cid] = None
+        if self._slot_waiters:
+            self._release(cid)
+        else:
+            self._free.append(cid)
+        self._notify(done, ctx, result, error)
+
+    def _fail(self, cid: int, error: NvmeError) -> None:
+        """End command ``cid`` without an answer from the controller; its CID stays taken."""
+        done, ctx = self._done[cid], self._ctx[cid]
+        self._done[cid] = self._ctx[cid] = self._dest[cid] = self._src[cid] = None
+        self._notify(done, ctx, 0, error)  # type: ignore[arg-type]
+
+    def _notify(self, done: Done, ctx: Any, result: int, error: NvmeError | None) -> None:
+        """Run a completion callback; one that raises must not break the receive path."""
+        try:
+            done(ctx, result, error)
+        except Exception as e:
+            self._loop.call_exception_handler(
+                {"message": f"{self.name}: completion callback failed", "exception": e, "protocol": self}
+            )
 
     def _status_error(self, cid: int, code: int, result: int, detail: str) -> NvmeError:
         opc = self._opc[cid]
@@ -471,6 +519,11 @@ class Queue(asyncio.BufferedProtocol):
                 self._release(waiter.result())
             raise
 
+    def _take_slot(self) -> int:
+        if not self._free:
+            raise NvmeError(Status.INTERNAL_ERROR, f"{self.name}: no free command slot")
+        return self._free.pop()
+
     # ------------------------------------------------------------------ submission
 
     async def command(
@@ -498,17 +551,10 @@ class Queue(asyncio.BufferedProtocol):
     ) -> asyncio.Future[int]:
         """Send a command now and return its Future; without ``cid`` a slot must be free."""
         if cid is None:
-            if not self._free:
-                raise NvmeError(Status.INTERNAL_ERROR, f"{self.name}: no free command slot")
-            cid = self._free.pop()
-        if self._closed:
-            self._release(cid)
-            raise self._error()
+            cid = self._take_slot()
         fut = self._loop.create_future()
-        self._futs[cid] = fut
-        self._opc[cid] = sqe.opcode | ((sqe.nsid & 0xFF) << 8 if sqe.opcode == _FABRICS else 0)
-        self._next_off[cid] = 0
-        self._started[cid] = self._tick if expires else math.inf
+        opc = sqe.opcode | ((sqe.nsid & 0xFF) << 8 if sqe.opcode == _FABRICS else 0)
+        self._occupy(cid, opc, settle, fut, expires)
         out = memoryview(data_out).cast("B") if data_out is not None and len(data_out) else None
         if data_in is not None and len(data_in):
             self._dest[cid] = data_in
@@ -527,14 +573,26 @@ class Queue(asyncio.BufferedProtocol):
     async def rw(self, opcode: int, nsid: int, slba: int, nlb: int, buf: memoryview, to_target: bool) -> None:
         """Read, Write or Compare of ``nlb`` (1-based) blocks: the hot path, no Sqe object."""
         cid = self._free.pop() if self._free else await self._slot()
-        if self._closed:
-            self._release(cid)
-            raise self._error()
         fut = self._loop.create_future()
-        self._futs[cid] = fut
-        self._opc[cid] = opcode
-        self._started[cid] = self._tick
-        self._next_off[cid] = 0
+        self._start_rw(cid, opcode, nsid, slba, nlb, buf, to_target, settle, fut)
+        await fut
+
+    def start_rw(
+        self, opcode: int, nsid: int, slba: int, nlb: int, buf: memoryview, to_target: bool, done: Done,
+        ctx: Any,
+    ) -> None:  # fmt: skip
+        """:meth:`rw` with a callback: ``done(ctx, result, error)`` runs when the command ends.
+
+        Needs a free slot (:attr:`can_start`). The callback runs inside the receive path: it may
+        start further commands, which go out in the same write as the others that receive caused.
+        """
+        self._start_rw(self._take_slot(), opcode, nsid, slba, nlb, buf, to_target, done, ctx)
+
+    def _start_rw(
+        self, cid: int, opcode: int, nsid: int, slba: int, nlb: int, buf: memoryview, to_target: bool,
+        done: Done, ctx: Any,
+    ) -> None:  # fmt: skip
+        self._occupy(cid, opcode, done, ctx, True)
         inline = None
         if to_target:
             if len(buf) <= self.inline_limit:
@@ -546,7 +604,17 @@ class Queue(asyncio.BufferedProtocol):
         self._post(
             cid, opcode, 0x40, nsid, 0, 0, slba & 0xFFFFFFFF, slba >> 32, nlb - 1, 0, 0, 0, len(buf), inline
         )
-        await fut
+
+    def _occupy(self, cid: int, opc: int, done: Done, ctx: Any, expires: bool) -> None:
+        """Fill slot ``cid`` for a new command; on a closed queue give the CID back and raise."""
+        if self._closed:
+            self._release(cid)
+            raise self._error()
+        self._done[cid] = done
+        self._ctx[cid] = ctx
+        self._opc[cid] = opc
+        self._next_off[cid] = 0
+        self._started[cid] = self._tick if expires else math.inf
 
     def _post(
         self, cid: int, opc: int, sqflags: int, nsid: int, cdw2: int, cdw3: int, c10: int, c11: int, c12: int,
@@ -570,8 +638,8 @@ class Queue(asyncio.BufferedProtocol):
                 cdw2, cdw3, 0, 0, length, SGL_DATA_BLOCK_OFFSET, c10, c11, c12, c13, c14, c15,
             )  # fmt: skip
             self._append_pdu(header, pdo, inline)
-        if self._flush_handle is None:
-            self._flush_handle = self._loop.call_soon(self._flush)
+        if self._flush_handle is None and not self._parsing:
+            self._flush_handle = self._loop.call_soon(self._flush_soon)
 
     def _append_pdu(self, header: bytes, pdo: int, data: memoryview) -> None:
         out = self._out
@@ -597,6 +665,15 @@ class Queue(asyncio.BufferedProtocol):
             header = DATA_HDR.pack(PduType.H2C_DATA, flags, 24, pdo, pdo + n + self._dd, cid, ttag, offset, n)
             self._append_pdu(header, pdo, src[offset : offset + n])
             offset += n
+        self._kick()
+
+    def _kick(self) -> None:
+        """See that corked PDUs go out: when the current receive ends, else on the next loop iteration."""
+        if self._flush_handle is None and not self._parsing:
+            self._flush_handle = self._loop.call_soon(self._flush_soon)
+
+    def _flush_soon(self) -> None:
+        self._flush_handle = None
         self._flush()
 
     def _write(self, parts: list) -> None:
@@ -605,10 +682,9 @@ class Queue(asyncio.BufferedProtocol):
 
     def _flush(self) -> None:
         """Write everything corked so far: small PDUs joined into one buffer, big payloads as they are."""
-        self._flush_handle = None
         parts, self._out = self._out, []
         transport = self._transport
-        if transport is None or transport.is_closing():
+        if not parts or transport is None or transport.is_closing():
             return
         small: list = []
         for part in parts:
@@ -634,13 +710,11 @@ class Queue(asyncio.BufferedProtocol):
         """Fail a command that outlived the timeout, then drop the connection: its state is unknown."""
         self._tick += 1
         oldest = self._tick - self._tick_limit
-        for cid, fut in enumerate(self._futs):
-            if fut is not None and self._started[cid] < oldest:
+        for cid, done in enumerate(self._done):
+            if done is not None and self._started[cid] < oldest:
                 opc = self._opc[cid]
                 name = command_name(self.qid, opc & 0xFF, opc >> 8)
-                message = f"{name} timed out after {self.timeout:g}s on {self.name}"
-                if not fut.done():
-                    fut.set_exception(NvmeTimeout(message))
+                self._fail(cid, NvmeTimeout(f"{name} timed out after {self.timeout:g}s on {self.name}"))
                 self._fatal = (f"{self.name}: aborted after a command timeout", None, None)
                 self.abort()
                 return
