@@ -31,6 +31,7 @@ sys.path.insert(0, str(REPO))
 from appliance.cli.nvme import run_loop  # noqa: E402  (uvloop when installed, as for `kahu nvme perf`)
 from appliance.nvmeof.host import Controller  # noqa: E402
 from appliance.nvmeof.host.perf import PerfResult, percentile, run_perf  # noqa: E402
+from appliance.procs import stop_process  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"
 NQN = "nqn.2026-11.io.kahu:bench"
@@ -204,12 +205,7 @@ def main() -> int:
                     r = run_loop(host_run(addr, port, pattern, io_size, qd, queues, seconds))
                     rows.append(r.as_dict())
         finally:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop_process(proc)
         for pattern, io_size, qd in WORKLOADS:
             rows.append(raw_run(backing, pattern, io_size, qd, seconds).as_dict())
     rows.sort(key=lambda r: (WORKLOADS.index((r["pattern"], r["io_size"], r["qd"])), r["queues"]))

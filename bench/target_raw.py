@@ -59,6 +59,7 @@ from appliance.nvmeof.spec import (  # noqa: E402
     IoOpcode,
     Property,
 )
+from appliance.procs import stop_process  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"
 NQN = "nqn.2026-11.io.kahu:bench-raw"
@@ -113,15 +114,6 @@ def start_target(tree: Path, config: Path, cpus: set[int]) -> tuple[subprocess.P
             return proc, int(match.group(2))
     proc.wait()
     raise RuntimeError(f"target from {tree} did not start:\n" + "".join(seen))
-
-
-def stop_target(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 # ------------------------------------------------------------------ queue setup (blocking, not timed)
@@ -504,7 +496,7 @@ def main() -> int:
         finally:
             for _, proc, admin, _, _ in targets:
                 admin.close()
-                stop_target(proc)
+                stop_process(proc)
         if not args.no_yardstick:
             shm = Path("/dev/shm") / f"kahu-bench-raw-{os.getpid()}"
             try:

@@ -24,6 +24,7 @@ from typing import Any
 
 from pyroute2 import IPRoute, NetNS, netns
 
+from ..procs import stop_process
 from .nodeconfig import NodeConfig
 
 IFF_UP = 0x1
@@ -207,11 +208,4 @@ class Topology:
 
 
 def _stop(proc: subprocess.Popen[Any]) -> None:
-    if proc.poll() is not None:
-        return
-    proc.terminate()
-    try:
-        proc.wait(timeout=STOP_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=STOP_TIMEOUT)
+    stop_process(proc, STOP_TIMEOUT)

@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import os
 import selectors
-import signal
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ from ports import free_port as free_port_now
 from appliance.nvmeof.spec import DISCOVERY_NQN
 from appliance.nvmeof.target.config import apply_target_config, parse_target_config
 from appliance.nvmeof.target.server import TargetServer
+from appliance.procs import stop_process
 
 REPO = Path(__file__).resolve().parents[2]
 TEST_NQN = "nqn.2026-11.io.kahu:test"
@@ -143,11 +143,5 @@ def kahu_serve(tmp_path: Path) -> Iterator[Callable[[str, int], ServeProcess]]:
 
     yield start
     for proc in procs:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=10)
+        stop_process(proc)
         proc.stdout.close()

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from appliance.procs import stop_process
+
 REPO = Path(__file__).resolve().parents[2]
 NQN = "nqn.2026-11.io.kahu:cli-test"
 LISTENING = re.compile(r"listening tcp (\S+):(\d+)")
@@ -49,12 +51,7 @@ def target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         assert match, f"target did not start: {line}{proc.stdout.read() if proc.poll() is not None else ''}"
         yield f"{match.group(1)}:{match.group(2)}"
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
         proc.stdout.close()  # type: ignore[union-attr]
 
 
