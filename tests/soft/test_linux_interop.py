@@ -101,8 +101,16 @@ step backing sh -c 'dd if=/tmp/backing.img bs=4096 skip=$seek4k count=64 | md5su
 # ---------------------------------------------------------------- Linux host -> Kahu soft target
 
 
-def test_linux_host_to_kahu_soft_target(tmp_path: Path, kahu_serve: Callable[[str, int], object]) -> None:
-    """Linux's nvme-tcp host discovers, connects, does O_DIRECT I/O and disconnects cleanly."""
+@pytest.mark.parametrize("digests", [False, True], ids=["plain", "digests"])
+def test_linux_host_to_kahu_soft_target(
+    tmp_path: Path, kahu_serve: Callable[[str, int], object], digests: bool
+) -> None:
+    """Linux's nvme-tcp host discovers, connects, does O_DIRECT I/O and disconnects cleanly.
+
+    With ``digests`` it asks for header and data digests, which it requires ICResp to echo exactly
+    and then checks on every PDU.
+    """
+    digest_flags = " -g -G" if digests else ""
     io_port, disc_port = free_port(), free_port()
     backing = tmp_path / "ns1.img"
     kahu_serve(
@@ -122,7 +130,7 @@ discovery:
         NVMET_SETUP
         + f"""
 step discover nvme discover -t tcp -a {HOST_IP} -s {disc_port}
-step connect nvme connect -t tcp -a {HOST_IP} -s {io_port} -n {NQN}
+step connect nvme connect -t tcp -a {HOST_IP} -s {io_port} -n {NQN}{digest_flags}
 step device wait_block /dev/nvme0n1
 step list nvme list
 step queues cat /sys/class/nvme/nvme0/queue_count
@@ -153,17 +161,19 @@ step disconnect nvme disconnect -n {NQN}
 # ---------------------------------------------------------------- Kahu host -> Linux nvmet-tcp
 
 
-async def kahu_host_session(port: int) -> None:
+async def kahu_host_session(port: int, digests: bool) -> None:
     """Discover, connect, identify, write and read back against the guest's nvmet."""
     entries = await discover("127.0.0.1", port)
     # nvmet listens on 0.0.0.0 and reports the address the host reached it on: the guest's own.
     advertised = {(e.subnqn, e.traddr.strip(), e.trsvcid.strip()) for e in entries}
     assert (LINUX_NQN, GUEST_IP, "4420") in advertised, entries
     ctrl = await Controller.connect(
-        traddr="127.0.0.1", trsvcid=port, subnqn=LINUX_NQN, hostnqn=KAHU_HOSTNQN, io_queues=2
+        traddr="127.0.0.1", trsvcid=port, subnqn=LINUX_NQN, hostnqn=KAHU_HOSTNQN, io_queues=2,
+        hdgst=digests, ddgst=digests,
     )
     try:
         assert ctrl.identify.subnqn == LINUX_NQN
+        assert ctrl.digests == (digests, digests), "nvmet did not grant the digests asked for"
         assert 1 <= ctrl.identify.cntlid <= 0xFFEF
         ns = ctrl.namespaces[1]
         assert (ns.block_size, ns.num_blocks) == (512, 64 * 1024 * 1024 // 512)
@@ -175,7 +185,8 @@ async def kahu_host_session(port: int) -> None:
         await ctrl.close()
 
 
-def test_kahu_host_to_linux_nvmet() -> None:
+@pytest.mark.parametrize("digests", [False, True], ids=["plain", "digests"])
+def test_kahu_host_to_linux_nvmet(digests: bool) -> None:
     """The Kahu host discovers Linux nvmet, identifies it, and round-trips data nvmet puts on disk."""
     blocks = len(PATTERN) // 512
     script = (
@@ -191,7 +202,7 @@ step backing sh -c 'dd if=/tmp/backing.img bs=512 skip={PATTERN_SLBA} count={blo
     with Guest(script, forward=(4420,)) as guest:
         guest.expect("KAHU-MARK nvmet-ready", timeout=90)
         try:
-            asyncio.run(asyncio.wait_for(kahu_host_session(guest.host_port(4420)), timeout=60))
+            asyncio.run(asyncio.wait_for(kahu_host_session(guest.host_port(4420), digests), timeout=60))
         except Exception as e:  # nvmet says why it refused something only in its kernel log
             guest.send_line("go")
             e.add_note("guest kernel log:\n" + guest.wait(timeout=30).output("kernel-log"))
