@@ -247,8 +247,3 @@ class SubsystemType(enum.IntEnum):
     REFERRAL = 1
     NVME = 2
     CURRENT_DISCOVERY = 3
-
-
-def opcode_transfers(opcode: int) -> int:
-    """Data direction from the low two opcode bits: 0 none, 1 host to controller, 2 back, 3 both."""
-    return opcode & 0x3

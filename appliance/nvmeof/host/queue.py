@@ -41,7 +41,6 @@ RECV_BUFFER = 1 << 20
 ADMIN_INLINE_LIMIT = 8192  # in-capsule data allowed on the admin queue and for Fabrics commands
 COALESCE_LIMIT = 16384  # send buffers smaller than this are joined; larger ones are written as they are
 CONNECT_DATA_SIZE = 1024
-CATTR_DISABLE_SQ_FLOW_CONTROL = 0x4
 
 _HDGSTF = int(PduFlag.HDGSTF)
 _DDGSTF = int(PduFlag.DDGSTF)
@@ -739,6 +738,3 @@ class Queue(asyncio.BufferedProtocol):
                 await asyncio.shield(self._lost)
         except TimeoutError:
             self._transport.abort()
-
-    async def wait_lost(self) -> None:
-        await asyncio.shield(self._lost)
