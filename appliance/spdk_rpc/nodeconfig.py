@@ -22,7 +22,9 @@ from typing import Any
 
 import yaml
 
+from .. import units
 from ..nvmeof.spec import DISCOVERY_PORT, NQN_MAX, NVME_PORT
+from ..units import format_size
 
 NQN_PREFIX = "nqn.2026-11.io.kahu"
 DEFAULT_RPC_SOCKET = "/var/tmp/spdk.sock"
@@ -39,8 +41,6 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 _NQN_RE = re.compile(r"^nqn\.\d{4}-\d{2}\.[A-Za-z0-9.-]+(:\S+)?$")
 _PCI_RE = re.compile(r"^[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]$")
 _CPUMASK_RE = re.compile(r"^0x[0-9a-fA-F]+$")
-_SIZE_RE = re.compile(r"^(\d+(?:\.\d+)?)\s*(B|KiB|MiB|GiB|TiB)?$")
-_UNITS = {"B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30, "TiB": 1 << 40}
 
 
 class NodeConfigError(ValueError):
@@ -223,31 +223,8 @@ def parse_node_config(data: Any) -> NodeConfig:
 
 
 def parse_size(value: Any, where: str) -> int:
-    """Parse "64MiB", "1.5GiB", "4096" or an integer into a whole, positive number of bytes."""
-    problem = f"{where}: must be a size like 64MiB"
-    if isinstance(value, bool):
-        raise NodeConfigError(problem)
-    if isinstance(value, int):
-        size = value
-    else:
-        match = _SIZE_RE.match(str(value).strip())
-        if not match:
-            raise NodeConfigError(problem)
-        scaled = float(match.group(1)) * _UNITS[match.group(2) or "B"]
-        if scaled != int(scaled):
-            raise NodeConfigError(f"{where}: {value!r} is not a whole number of bytes")
-        size = int(scaled)
-    if size <= 0:
-        raise NodeConfigError(f"{where}: must be positive")
-    return size
-
-
-def format_size(size: int) -> str:
-    """The largest binary unit that represents ``size`` exactly ("64MiB", "4096B")."""
-    for unit in ("TiB", "GiB", "MiB", "KiB"):
-        if size % _UNITS[unit] == 0:
-            return f"{size // _UNITS[unit]}{unit}"
-    return f"{size}B"
+    """Bytes from "64MiB", "1.5GiB", "4096" or an integer; decimal units are refused here."""
+    return units.parse_size(value, where, NodeConfigError, decimal=False)
 
 
 def drive_uuid(node_name: str, kind: DriveKind, identity: str) -> uuidlib.UUID:

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from ... import units
 from ..spec import DISCOVERY_NQN
 from .model import Bdev, ConfigError, FileBdev, ListenAddress, MallocBdev, Subsystem, Transport
 
@@ -27,8 +27,6 @@ SUBSYSTEM_KEYS = {"nqn", "serial_number", "model_number", "max_namespaces", "all
 NAMESPACE_KINDS = ("file", "malloc", "block_device")
 NAMESPACE_KEYS = {*NAMESPACE_KINDS, "size", "block_size", "nsid", "uuid", "nguid", "eui64", "name"}
 LISTENER_KEYS = {"traddr", "trsvcid", "adrfam"}
-SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(i?B?)\s*$", re.IGNORECASE)
-UNITS = {"": 0, "K": 1, "M": 2, "G": 3, "T": 4}
 
 
 @dataclass(slots=True)
@@ -68,18 +66,7 @@ class TargetConfig:
 
 def parse_size(value: Any, where: str) -> int:
     """Bytes from 4096, "64MiB", "1G" (binary units) or "64MB" (decimal)."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        size = value
-    else:
-        m = SIZE_RE.match(str(value))
-        if not m:
-            raise ConfigError(f"{where}: not a size: {value!r}")
-        number, unit, suffix = int(m[1]), m[2].upper(), m[3]
-        base = 1000 if unit and suffix.upper() == "B" else 1024
-        size = number * base ** UNITS[unit]
-    if size <= 0:
-        raise ConfigError(f"{where}: must be positive")
-    return size
+    return units.parse_size(value, where, ConfigError)
 
 
 def _mapping(value: Any, where: str, allowed: set[str] | dict) -> dict:
