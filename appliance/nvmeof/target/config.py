@@ -21,7 +21,8 @@ from .model import Bdev, ConfigError, FileBdev, ListenAddress, MallocBdev, Subsy
 if TYPE_CHECKING:
     from .server import TargetServer
 
-TRANSPORT_KEYS = {f.name: f.type for f in dataclasses.fields(Transport) if f.name != "trtype"}
+# Option name -> int or bool, from the defaults; the JSON-RPC server checks the same names and types.
+TRANSPORT_KEYS = {f.name: type(f.default) for f in dataclasses.fields(Transport) if f.name != "trtype"}
 SUBSYSTEM_KEYS = {"nqn", "serial_number", "model_number", "max_namespaces", "allow_any_host", "hosts",
                   "listeners", "namespaces"}  # fmt: skip
 NAMESPACE_KINDS = ("file", "malloc", "block_device")
@@ -111,8 +112,7 @@ def _listener(value: Any, where: str) -> ListenAddress:
 
 def _transport(value: Any) -> Transport:
     spec = _mapping(value or {}, "transport", TRANSPORT_KEYS)
-    kinds = {"int": int, "bool": bool}
-    options = {key: _typed(v, kinds[TRANSPORT_KEYS[key]], f"transport.{key}") for key, v in spec.items()}
+    options = {key: _typed(v, TRANSPORT_KEYS[key], f"transport.{key}") for key, v in spec.items()}
     transport = Transport(**options)
     if transport.max_io_size < 4096 or transport.max_io_size % 4096:
         raise ConfigError("transport.max_io_size: must be a multiple of 4096")

@@ -68,7 +68,7 @@ def connect(server: TargetServer, conn: Connection, sqe: Sqe, data: memoryview |
     here = (conn.listener.traddr, conn.listener.trsvcid)
     if not sub.is_discovery and here not in [(a.traddr, a.trsvcid) for a in sub.listeners]:
         return _invalid(1, IPO_SUBNQN)
-    cntlid = int.from_bytes(data[16:18], "little")
+    cntlid = int.from_bytes(data[IPO_CNTLID : IPO_CNTLID + 2], "little")
     if qid == 0:
         if cntlid != DYNAMIC_CNTLID:
             return _invalid(1, IPO_CNTLID)

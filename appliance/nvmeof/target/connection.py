@@ -33,6 +33,7 @@ from ..pdu import (
 from ..spec import (
     SGL_DATA_BLOCK_OFFSET,
     SGL_TRANSPORT_DATA_BLOCK,
+    AdminOpcode,
     FabricsType,
     Fes,
     PduFlag,
@@ -50,7 +51,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-FABRICS = 0x7F
+FABRICS = AdminOpcode.FABRICS.value
 ADMIN_ICD_MAX = 8192  # in-capsule data always accepted on the admin queue and for Fabrics commands
 RECV_SLACK = 256 * 1024
 HOST_TYPES = frozenset({PduType.IC_REQ, PduType.CAPSULE_CMD, PduType.H2C_DATA})
@@ -132,6 +133,7 @@ class Connection(asyncio.BufferedProtocol):
         self.ddl = 4 if data else 0
         self.hflag = PduFlag.HDGSTF.value if header else 0
         self._data_flags = self.hflag | (DDGSTF if data else 0)
+        self._c2h_flags = self._data_flags | LAST | (SUCCESS if self.c2h_success else 0)
         self._bare_cmd = (PduType.CAPSULE_CMD.value, self.hflag, 72, 0, 72 + self.hdl)  # without data
         self._resp_plen = 24 + self.hdl
 
@@ -226,10 +228,7 @@ class Connection(asyncio.BufferedProtocol):
         """C2HData carrying a successful command's whole result, then its completion."""
         n = len(data)
         hdl, ddl = self.hdl, self.ddl
-        flags = self.hflag | LAST | (DDGSTF if ddl else 0)
-        if self.c2h_success:
-            flags |= SUCCESS
-        hdr = DATA_pack(C2H_DATA, flags, 24, 24 + hdl, 24 + hdl + n + ddl, cid, 0, 0, n)
+        hdr = DATA_pack(C2H_DATA, self._c2h_flags, 24, 24 + hdl, 24 + hdl + n + ddl, cid, 0, 0, n)
         out = self._out
         out.append(hdr + DIGEST_pack(crc32c(hdr)) if hdl else hdr)
         out.append(data)

@@ -10,12 +10,14 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING
 
+from ..identify import IDENTIFY_SIZE
 from ..pdu import Sqe
 from ..spec import (
     CC_EN,
     CC_SHN_MASK,
     CSTS_RDY,
     CSTS_SHST_COMPLETE,
+    CSTS_SHST_MASK,
     VS_1_3,
     AdminOpcode,
     Cns,
@@ -43,7 +45,6 @@ AEN_DISCOVERY_CHANGED = 0x2 | (0xF0 << 8) | (LogPage.DISCOVERY << 16)
 AEC_NS_ATTRIBUTE = 1 << 8
 AEC_DISCOVERY = 1 << 31
 CSI_NVM = 0
-CSTS_SHST_MASK = 0x3 << 2
 SEL_SUPPORTED = 3
 CAPABILITY_CHANGEABLE = 0x4
 
@@ -266,7 +267,7 @@ class Controller:
                 return _err(Status.INVALID_NAMESPACE)
             return _ok(0, pages.active_namespaces(sub, sqe.nsid))
         if cns == Cns.CSI_CONTROLLER:
-            return _ok(0, bytes(4096)) if csi == CSI_NVM else _err(Status.INVALID_FIELD)
+            return _ok(0, bytes(IDENTIFY_SIZE)) if csi == CSI_NVM else _err(Status.INVALID_FIELD)
         if cns == Cns.IO_COMMAND_SET:
             return _ok(0, pages.command_set_vector())
         if cns not in (Cns.NAMESPACE, Cns.NS_DESC_LIST, Cns.CSI_NAMESPACE, Cns.INDEPENDENT_NAMESPACE):
@@ -278,13 +279,13 @@ class Controller:
             return _err(status)
         if ns is None:
             inactive_ok = cns in (Cns.NAMESPACE, Cns.INDEPENDENT_NAMESPACE)
-            return _ok(0, bytes(4096)) if inactive_ok else _err(Status.INVALID_NAMESPACE)
+            return _ok(0, bytes(IDENTIFY_SIZE)) if inactive_ok else _err(Status.INVALID_NAMESPACE)
         if cns == Cns.NAMESPACE:
             return _ok(0, pages.identify_namespace(ns))
         if cns == Cns.NS_DESC_LIST:
             return _ok(0, pages.namespace_ids(ns))
         if cns == Cns.CSI_NAMESPACE:
-            return _ok(0, bytes(4096))
+            return _ok(0, bytes(IDENTIFY_SIZE))
         return _ok(0, pages.independent_namespace())
 
     def _get_log_page(self, sqe: Sqe) -> Reply:

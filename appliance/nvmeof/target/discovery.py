@@ -10,9 +10,6 @@ from ..spec import AddressFamily, SubsystemType, TransportType
 if TYPE_CHECKING:
     from .server import TargetServer
 
-TREQ_NOT_REQUIRED = 2
-DYNAMIC_CNTLID = 0xFFFF
-
 
 def discovery_log(server: TargetServer, hostnqn: str) -> bytearray:
     """Every listener of every NVMe subsystem ``hostnqn`` may access, then the discovery listeners."""
@@ -32,9 +29,7 @@ def discovery_log(server: TargetServer, hostnqn: str) -> bytearray:
                     trtype=TransportType.TCP,
                     adrfam=family,
                     subtype=subtype,
-                    treq=TREQ_NOT_REQUIRED,
                     portid=portid,
-                    cntlid=DYNAMIC_CNTLID,
                     asqsz=target.tcp.max_aq_depth,
                 )
             )

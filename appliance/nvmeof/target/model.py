@@ -9,6 +9,7 @@ controllers of a deleted subsystem or of a host that lost access.
 from __future__ import annotations
 
 import errno
+import functools
 import mmap
 import os
 import uuid as uuidlib
@@ -200,12 +201,20 @@ class FileBdev(Bdev):
         os.close(self.fd)
 
 
+@functools.cache
+def _libc_fallocate():
+    """libc's fallocate(2), loaded once: a DSM deallocate may call it for every range."""
+    import ctypes
+
+    fallocate = ctypes.CDLL(None, use_errno=True).fallocate
+    fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong]
+    return fallocate
+
+
 def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
     import ctypes
 
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong]
-    if libc.fallocate(fd, mode, offset, length) != 0:
+    if _libc_fallocate()(fd, mode, offset, length) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
 

@@ -13,14 +13,10 @@ from ..identify import (
     NamespaceIds,
     pack_nsid_list,
 )
-from ..spec import VS_1_3
 from .model import Namespace, Subsystem, Transport
 
 FIRMWARE_REVISION = IdentifyController().fr
-OAES_NS_ATTRIBUTE = 1 << 8
 OAES_DISCOVERY_LOG = 1 << 31
-ONCS = 0x0D  # Compare, Dataset Management, Write Zeroes
-LPA = 0x04  # extended data for Get Log Page only
 SMART_SIZE = 512
 FIRMWARE_SLOT_SIZE = 512
 CHANGED_NS_MAX = 1024
@@ -32,28 +28,20 @@ def mdts(transport: Transport) -> int:
 
 
 def identify_controller(sub: Subsystem, transport: Transport, cntlid: int) -> bytearray:
-    discovery = sub.is_discovery
-    return IdentifyController(
+    ident = IdentifyController(  # the defaults are an NVM I/O controller's
         cntlid=cntlid,
         subnqn=sub.nqn,
         sn=sub.serial_number,
         mn=sub.model_number,
-        fr=FIRMWARE_REVISION,
         mdts=mdts(transport),
-        ver=VS_1_3,
-        oaes=OAES_DISCOVERY_LOG if discovery else OAES_NS_ATTRIBUTE,
-        cntrltype=2 if discovery else 1,
-        lpa=LPA,
         kas=transport.kas,
         maxcmd=transport.max_queue_depth,
-        nn=0 if discovery else sub.max_namespaces,
-        oncs=0 if discovery else ONCS,
-        vwc=0 if discovery else 1,
+        nn=sub.max_namespaces,
         ioccsz=(64 + transport.in_capsule_data_size) // 16,
-        iorcsz=1,
-        icdoff=0,
-        sgls=0x00100001,
-    ).pack()
+    )
+    if sub.is_discovery:
+        ident.oaes, ident.cntrltype, ident.nn, ident.oncs, ident.vwc = OAES_DISCOVERY_LOG, 2, 0, 0, 0
+    return ident.pack()
 
 
 def identify_namespace(ns: Namespace) -> bytearray:

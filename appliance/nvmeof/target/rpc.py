@@ -22,14 +22,13 @@ import stat
 import time
 import uuid as uuidlib
 from collections.abc import Awaitable, Callable
-from dataclasses import asdict, fields
-from typing import TYPE_CHECKING, Any
+from dataclasses import asdict
+from typing import Any
 
+from .config import TRANSPORT_KEYS
 from .config import _transport as validated_transport
-from .model import Bdev, ConfigError, FileBdev, ListenAddress, MallocBdev, Subsystem, Transport
-
-if TYPE_CHECKING:
-    from .server import TargetServer
+from .model import Bdev, ConfigError, FileBdev, ListenAddress, MallocBdev, Subsystem
+from .server import MAX_CNTLID, MIN_CNTLID, TargetServer
 
 log = logging.getLogger(__name__)
 
@@ -196,9 +195,6 @@ def _listen_address(value: dict[str, Any]) -> ListenAddress:
     if trsvcid is None or not trsvcid.isdigit() or int(trsvcid) > 65535:
         raise RpcError(INVALID_PARAMS, f"trsvcid must be a port number string, got {trsvcid!r}")
     return ListenAddress(traddr=p["traddr"], trsvcid=str(int(trsvcid)), trtype="TCP", adrfam=adrfam)
-
-
-_TRANSPORT_OPTIONS: ParamSpec = {f.name: type(f.default) for f in fields(Transport) if f.name != "trtype"}
 
 
 # --- the server ---------------------------------------------------------------------------------------
@@ -369,7 +365,7 @@ class RpcServer:
 
     @_rpc
     async def nvmf_create_transport(self, params: dict[str, Any]) -> bool:
-        p = _decode(params, {"trtype": str}, {**_TRANSPORT_OPTIONS, **_TGT_NAME})
+        p = _decode(params, {"trtype": str}, {**TRANSPORT_KEYS, **_TGT_NAME})
         p.pop("tgt_name", None)
         trtype = p.pop("trtype")
         if trtype.upper() == "RDMA":
@@ -428,8 +424,8 @@ class RpcServer:
             serial_number=sub.serial_number,
             model_number=sub.model_number,
             max_namespaces=sub.max_namespaces,
-            min_cntlid=1,
-            max_cntlid=0xFFEF,
+            min_cntlid=MIN_CNTLID,
+            max_cntlid=MAX_CNTLID,
             namespaces=[
                 {
                     "nsid": ns.nsid,

@@ -66,14 +66,9 @@ class TargetServer:
 
     # ------------------------------------------------------------------ addresses
 
-    def bound_address(self, address: ListenAddress) -> tuple[str, int]:
-        """The (host, port) a listener really bound, e.g. when trsvcid "0" asked for any port."""
-        srv = self._listeners[(address.traddr, address.trsvcid)]
-        host, port = srv.sockets[0].getsockname()[:2]
-        return host, port
-
     def bound_port(self, address: ListenAddress) -> int:
-        return self.bound_address(address)[1]
+        """The port a listener really bound, e.g. when trsvcid "0" asked for any port."""
+        return self._listeners[(address.traddr, address.trsvcid)].sockets[0].getsockname()[1]
 
     def bound_addresses(self) -> list[tuple[str, int]]:
         """(host, port) of every open listener, in the order they were opened."""
