@@ -16,8 +16,6 @@ import argparse
 import json
 import os
 import random
-import re
-import subprocess
 import sys
 import tempfile
 import threading
@@ -30,10 +28,10 @@ sys.path.insert(0, str(REPO))
 
 from appliance.cli.nvme import run_loop  # noqa: E402  (uvloop when installed, as for `kahu nvme perf`)
 from appliance.nvmeof.host import Controller  # noqa: E402
-from appliance.nvmeof.host.perf import PerfResult, percentile, run_perf  # noqa: E402
+from appliance.nvmeof.host.perf import PerfResult, run_perf  # noqa: E402
 from appliance.procs import stop_process  # noqa: E402
+from bench.common import RESULTS, fill_file, start_target  # noqa: E402
 
-RESULTS = REPO / "bench" / "results"
 NQN = "nqn.2026-11.io.kahu:bench"
 BLOCK = 4096
 WORKLOADS = [  # (pattern, io_size, qd)
@@ -45,18 +43,9 @@ WORKLOADS = [  # (pattern, io_size, qd)
     ("write", 131072, 16),
 ]
 QUEUES = (1, 4)
-LISTENING = re.compile(r"listening tcp (\S+):(\d+)")
 
 
-def make_backing(path: Path, size: int) -> None:
-    """Fill with random data so reads never hit sparse holes (which would flatter both sides)."""
-    chunk = 1 << 22
-    with open(path, "wb") as f:
-        for _ in range(size // chunk):
-            f.write(random.randbytes(chunk))
-
-
-def start_target(workdir: Path, backing: Path) -> tuple[subprocess.Popen, str, int]:
+def target_config(workdir: Path, backing: Path) -> Path:
     config = workdir / "target.yaml"
     config.write_text(
         f"""transport: {{max_queue_depth: 128, in_capsule_data_size: 4096}}
@@ -68,24 +57,7 @@ subsystems:
     namespaces: [{{file: {backing}, block_size: {BLOCK}}}]
 """
     )
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "appliance.cli.main", "target", "serve", str(config)],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
-    deadline = time.monotonic() + 30
-    seen = []
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()  # type: ignore[union-attr]
-        if not line:
-            break
-        seen.append(line)
-        match = LISTENING.search(line)
-        if match:
-            threading.Thread(target=proc.stdout.read, daemon=True).start()  # type: ignore[union-attr]
-            return proc, match.group(1), int(match.group(2))
-    proc.kill()
-    proc.wait()
-    raise RuntimeError("target did not start:\n" + "".join(seen))
+    return config
 
 
 async def host_run(addr: str, port: int, pattern: str, io_size: int, qd: int, queues: int, seconds: float):
@@ -137,12 +109,7 @@ def raw_run(path: Path, pattern: str, io_size: int, qd: int, seconds: float) -> 
     finally:
         os.close(fd)
     elapsed = (time.perf_counter_ns() - began) / 1e9
-    latencies.sort()
-    n = len(latencies)
-    return PerfResult(
-        pattern, io_size, qd, 0, n, elapsed, n / elapsed, n * io_size / elapsed / 1e6,
-        percentile(latencies, 0.5) / 1e3, percentile(latencies, 0.99) / 1e3,
-    )  # fmt: skip
+    return PerfResult.measured(pattern, io_size, qd, 0, latencies, elapsed)
 
 
 def label(r: dict) -> str:
@@ -197,8 +164,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="kahu-bench-") as tmp:
         workdir = Path(tmp)
         backing = workdir / "ns1.img"
-        make_backing(backing, size)
-        proc, addr, port = start_target(workdir, backing)
+        fill_file(backing, size)
+        proc, addr, port = start_target(target_config(workdir, backing))
         try:
             for pattern, io_size, qd in WORKLOADS:
                 for queues in QUEUES:

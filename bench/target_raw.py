@@ -23,13 +23,10 @@ import json
 import multiprocessing as mp
 import os
 import random
-import re
 import socket
 import struct
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 import uuid
 from dataclasses import asdict, dataclass
@@ -38,6 +35,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from appliance.nvmeof.host.controller import CC_IO_ENTRY_SIZES  # noqa: E402
+from appliance.nvmeof.host.perf import percentile  # noqa: E402
+from appliance.nvmeof.host.queue import connect_data  # noqa: E402
 from appliance.nvmeof.pdu import (  # noqa: E402
     CAPSULE_CMD_HDR,
     CH,
@@ -57,11 +57,13 @@ from appliance.nvmeof.spec import (  # noqa: E402
     AdminOpcode,
     FabricsType,
     IoOpcode,
+    PduFlag,
+    PduType,
     Property,
 )
 from appliance.procs import stop_process  # noqa: E402
+from bench.common import RESULTS, fill_file, start_target  # noqa: E402
 
-RESULTS = REPO / "bench" / "results"
 NQN = "nqn.2026-11.io.kahu:bench-raw"
 HOSTNQN = "nqn.2014-08.org.nvmexpress:uuid:6b61687a-6265-6e63-6800-000000000001"
 BLOCK = 4096
@@ -69,13 +71,15 @@ NAMESPACES = {"ram": 1, "file": 2}
 WORKLOADS = [("randread", 4096, 32), ("randwrite", 4096, 32), ("read", 131072, 16), ("write", 131072, 16)]
 CONNECTIONS = (1, 4)
 WARMUP = 0.5
-LISTENING = re.compile(r"listening tcp (\S+):(\d+)")
 RECV_BUF = 8 << 20
 LATENCY_SAMPLE = 50_000
 SLBA = struct.Struct("<Q")  # CDW10-11 of a capsule, at PDU offset 48
 CQE_CID_STATUS = struct.Struct("<HH")  # at PDU offset 20 of a CapsuleResp
-C2H_SUCCESS = 0x08
-LAST_PDU = 0x04
+C2H_SUCCESS, LAST_PDU = int(PduFlag.SUCCESS), int(PduFlag.LAST_PDU)
+# PDU types as plain ints for the receive loop
+T_RESP, T_H2C, T_C2H, T_R2T = (
+    int(t) for t in (PduType.CAPSULE_RESP, PduType.H2C_DATA, PduType.C2H_DATA, PduType.R2T)
+)
 
 
 # ------------------------------------------------------------------ target process
@@ -95,25 +99,6 @@ subsystems:
 """
     )
     return config
-
-
-def start_target(tree: Path, config: Path, cpus: set[int]) -> tuple[subprocess.Popen, int]:
-    """``kahu target serve`` from ``tree``, pinned to ``cpus``; returns it and its port."""
-    env = dict(os.environ, PYTHONPATH=str(tree))
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "appliance.cli.main", "target", "serve", str(config)],
-        cwd=tree, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
-    os.sched_setaffinity(proc.pid, cpus)
-    seen = []
-    for line in proc.stdout:  # type: ignore[union-attr]
-        seen.append(line)
-        match = LISTENING.search(line)
-        if match:
-            threading.Thread(target=proc.stdout.read, daemon=True).start()  # type: ignore[union-attr]
-            return proc, int(match.group(2))
-    proc.wait()
-    raise RuntimeError(f"target from {tree} did not start:\n" + "".join(seen))
 
 
 # ------------------------------------------------------------------ queue setup (blocking, not timed)
@@ -151,11 +136,7 @@ def open_queue(port: int, qid: int, cntlid: int = 0xFFFF) -> tuple[socket.socket
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     icresp = exchange(sock, ICReq())
     assert isinstance(icresp, ICResp), icresp
-    data = bytearray(1024)
-    data[0:16] = uuid.uuid5(uuid.NAMESPACE_URL, HOSTNQN).bytes
-    data[16:18] = cntlid.to_bytes(2, "little")
-    data[256 : 256 + len(NQN)] = NQN.encode()
-    data[512 : 512 + len(HOSTNQN)] = HOSTNQN.encode()
+    data = connect_data(uuid.uuid5(uuid.NAMESPACE_URL, HOSTNQN).bytes, cntlid, NQN, HOSTNQN)
     dw0 = fabrics(sock, FabricsType.CONNECT, bytes(data), cdw10=qid << 16, cdw11=127)
     return sock, dw0 & 0xFFFF, icresp.maxh2cdata
 
@@ -163,7 +144,7 @@ def open_queue(port: int, qid: int, cntlid: int = 0xFFFF) -> tuple[socket.socket
 def open_controller(port: int) -> tuple[socket.socket, int]:
     """An enabled admin queue (kept open for the run) and its CNTLID."""
     sock, cntlid, _ = open_queue(port, 0)
-    fabrics(sock, FabricsType.PROPERTY_SET, cdw11=Property.CC, cdw12=CC_EN | (6 << 16) | (4 << 20))
+    fabrics(sock, FabricsType.PROPERTY_SET, cdw11=Property.CC, cdw12=CC_EN | CC_IO_ENTRY_SIZES)
     return sock, cntlid
 
 
@@ -222,8 +203,9 @@ class Driver:
         plen = 72 + (job.io_size if icd else 0)
         sgl_id = SGL_DATA_BLOCK_OFFSET if icd else SGL_TRANSPORT_DATA_BLOCK
         opc = IoOpcode.WRITE if write else IoOpcode.READ
-        return CAPSULE_CMD_HDR.pack(4, 0, 72, 72 if icd else 0, plen, opc, 0x40, cid, job.nsid, 0, 0, 0,
-                                    0, job.io_size, sgl_id, 0, 0, 0, 0, 0, 0)[:48]  # fmt: skip
+        return CAPSULE_CMD_HDR.pack(PduType.CAPSULE_CMD, 0, 72, 72 if icd else 0, plen, opc, 0x40, cid,
+                                    job.nsid, 0, 0, 0, 0, job.io_size, sgl_id, 0, 0, 0, 0, 0,
+                                    0)[:48]  # fmt: skip
 
     def issue(self, cid: int, out: list, now: int) -> None:
         lba = self.lbas[self.next_lba]
@@ -236,7 +218,7 @@ class Driver:
     def h2c(self, pdu: memoryview, out: list) -> None:
         """Answer an R2T with one H2CData carrying all it asked for."""
         _, _, _, _, _, cid, ttag, r2to, r2tl = DATA_HDR.unpack_from(pdu)
-        out.append(DATA_HDR.pack(6, LAST_PDU, 24, 24, 24 + r2tl, cid, ttag, r2to, r2tl))
+        out.append(DATA_HDR.pack(T_H2C, LAST_PDU, 24, 24, 24 + r2tl, cid, ttag, r2to, r2tl))
         out.append(self.payload[r2to : r2to + r2tl])
 
     def run(self, start) -> Outcome:
@@ -279,14 +261,14 @@ class Driver:
                 if end - pos < 24:
                     break
                 ptype, flags = buf[pos], buf[pos + 1]
-                if ptype == 9:
+                if ptype == T_R2T:
                     self.h2c(view[pos : pos + 24], out)
                     pos += 24
                     continue
-                if ptype == 5:
+                if ptype == T_RESP:
                     cid, status = CQE_CID_STATUS.unpack_from(buf, pos + 20)
                     errors += status >> 1 != 0
-                elif ptype == 7:
+                elif ptype == T_C2H:
                     cid = DATA_HDR.unpack_from(buf, pos)[5]
                     skip = CH.unpack_from(buf, pos)[4] - 24
                     if not flags & C2H_SUCCESS:
@@ -344,10 +326,6 @@ class Row:
     errors: int = 0
 
 
-def percentile(values: list[int], q: float) -> float:
-    return values[min(len(values) - 1, int(q * len(values)))] / 1e3 if values else 0.0
-
-
 def run_target(port: int, cntlid: int, ns: str, workload: tuple[str, int, int], connections: int,
                seconds: float, limit: int, region_blocks: int, cpus: set[int]) -> list[Outcome]:  # fmt: skip
     """One workload over ``connections`` client processes started together."""
@@ -382,8 +360,9 @@ def summarize(tree: str, ns: str, workload: tuple[str, int, int], connections: i
     iops = sum(o.ios / o.elapsed for o in outcomes)
     lat = sorted(x for o in outcomes for x in o.latencies_ns)
     cpu_us = cpu / sum(o.total for o in outcomes) * 1e6
-    return Row(tree, ns, pattern, io_size, qd, connections, iops, iops * io_size / 1e6, percentile(lat, 0.5),
-               percentile(lat, 0.99), cpu_us, sum(o.errors for o in outcomes))  # fmt: skip
+    return Row(tree, ns, pattern, io_size, qd, connections, iops, iops * io_size / 1e6,
+               percentile(lat, 0.5) / 1e3, percentile(lat, 0.99) / 1e3, cpu_us,
+               sum(o.errors for o in outcomes))  # fmt: skip
 
 
 def yardstick(path: Path, ns: str, workload: tuple[str, int, int], seconds: float, cpus: set[int]) -> Row:
@@ -393,7 +372,7 @@ def yardstick(path: Path, ns: str, workload: tuple[str, int, int], seconds: floa
         iops, lat, cpu_us = pool.apply(raw_io, (path, workload, seconds, cpus))
     pattern, io_size, qd = workload
     return Row("yardstick", ns, pattern, io_size, qd, 0, iops, iops * io_size / 1e6,
-               percentile(lat, 0.5), percentile(lat, 0.99), cpu_us)  # fmt: skip
+               percentile(lat, 0.5) / 1e3, percentile(lat, 0.99) / 1e3, cpu_us)  # fmt: skip
 
 
 def raw_io(path: Path, workload: tuple[str, int, int], seconds: float,
@@ -423,14 +402,6 @@ def raw_io(path: Path, workload: tuple[str, int, int], seconds: float,
     finally:
         os.close(fd)
     return n / ((now - began) / 1e9), sorted(lat), cpu / n * 1e6
-
-
-def fill_file(path: Path, size: int) -> None:
-    """Random data, so neither side reads sparse holes or the shared zero page."""
-    chunk = 1 << 22
-    with open(path, "wb") as f:
-        for _ in range(size // chunk):
-            f.write(random.randbytes(chunk))
 
 
 def print_header() -> None:
@@ -476,7 +447,7 @@ def main() -> int:
         print_header()
         try:
             for tree in trees:
-                proc, port = start_target(tree, target_config(workdir, backing, size), target_cpus)
+                proc, _, port = start_target(target_config(workdir, backing, size), tree, target_cpus)
                 admin, cntlid = open_controller(port)
                 targets.append((tree, proc, admin, port, cntlid))
                 fill = ("write", 131072, 16)  # RAM starts as the shared zero page: write it all once

@@ -60,10 +60,6 @@ def _count(low: int, high: int) -> Callable[[str], int]:
     return parse
 
 
-def _byte(text: str) -> int:
-    return _count(0, 255)(text)
-
-
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("nvme", help="NVMe/TCP host tools: discover, identify, read, write, perf")
     sub = parser.add_subparsers(dest="nvme_command", required=True, metavar="ACTION")
@@ -97,7 +93,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--lba", type=_count(0, (1 << 64) - 1), required=True)
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--input", type=Path, help="file with whole blocks of data")
-    source.add_argument("--pattern", type=_byte, help="fill byte, e.g. 0xAB (needs --count)")
+    source.add_argument("--pattern", type=_count(0, 255), help="fill byte, e.g. 0xAB (needs --count)")
     p.add_argument("--count", type=_count(1, 1 << 20), help="number of blocks for --pattern")
 
     p = action("perf", "closed-loop load: IOPS, MB/s, p50/p99 latency", NVME_PORT, _perf)

@@ -13,17 +13,21 @@ import asyncio
 import contextlib
 import operator
 import uuid as uuidlib
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 from ..identify import IdentifyController, IdentifyNamespace, NamespaceIds, unpack_nsid_list
 from ..pdu import Sqe
 from ..spec import (
     CC_EN,
+    CC_SHN_MASK,
     CSTS_RDY,
+    CSTS_SHST_COMPLETE,
+    CSTS_SHST_MASK,
     DISCOVERY_NQN,
     NVME_PORT,
+    VS_1_3,
     AdminOpcode,
     Cns,
     FabricsType,
@@ -42,8 +46,6 @@ CONTROLLER_ID_DYNAMIC = 0xFFFF
 CC_IO_ENTRY_SIZES = (6 << 16) | (4 << 20)  # IOSQES 64 bytes, IOCQES 16 bytes
 CC_SHN_NORMAL = 1 << 14
 CSTS_CFS = 0x2
-CSTS_SHST_MASK = 0x3 << 2
-CSTS_SHST_COMPLETE = 0x2 << 2
 MAX_AERS = 8
 AEN_NOTICE = 2
 AEN_NS_CHANGED = 0x00
@@ -54,6 +56,8 @@ MAX_NLB = 1 << 16
 POLL_INTERVAL = 0.01
 IO_ATTEMPTS = 3
 _TO_TARGET = {IoOpcode.READ: False, IoOpcode.WRITE: True, IoOpcode.COMPARE: True}
+
+T = TypeVar("T")
 
 IoDone = Callable[[Any, BaseException | None], None]
 """The callback of :meth:`Controller.start_io`: ``done(ctx, error)``, error None on success."""
@@ -187,7 +191,7 @@ class Controller:
             with contextlib.suppress(NvmeError, TimeoutError):
                 async with asyncio.timeout(self.timeout):
                     cc = await self._prop_get(session.admin, Property.CC)
-                    await self._prop_set(session.admin, Property.CC, (cc & ~(0x3 << 14)) | CC_SHN_NORMAL)
+                    await self._prop_set(session.admin, Property.CC, (cc & ~CC_SHN_MASK) | CC_SHN_NORMAL)
                     while (await self._prop_get(session.admin, Property.CSTS)) & CSTS_SHST_MASK != (
                         CSTS_SHST_COMPLETE
                     ):
@@ -253,9 +257,7 @@ class Controller:
             vs = await self._prop_get(admin, Property.VS)
             cap = await self._prop_get(admin, Property.CAP, wide=True)
             await self._enable(admin, cap)
-            ident = IdentifyController.unpack(
-                (await self._admin(admin, _identify(Cns.CONTROLLER), 4096)).data
-            )
+            ident = IdentifyController.unpack(await self._identify(admin, Cns.CONTROLLER))
             discovery = self.is_discovery or ident.cntrltype == 2
             aers = await self._configure_events(admin, ident, discovery)
             kato = await self._keep_alive_timeout(admin, ident, discovery)
@@ -365,26 +367,20 @@ class Controller:
         else:
             nsids, last = [], 0
             while True:
-                page = unpack_nsid_list(
-                    (await self._admin(admin, _identify(Cns.ACTIVE_NS_LIST, last), 4096)).data
-                )
+                page = unpack_nsid_list(await self._identify(admin, Cns.ACTIVE_NS_LIST, last))
                 nsids += page
                 if len(page) < 1024:
                     break
                 last = page[-1]
         found = {}
         for nsid in nsids:
-            ns = IdentifyNamespace.unpack(
-                (await self._admin(admin, _identify(Cns.NAMESPACE, nsid), 4096)).data
-            )
+            ns = IdentifyNamespace.unpack(await self._identify(admin, Cns.NAMESPACE, nsid))
             if ns.nsze == 0:
                 continue
             ids = NamespaceIds()
-            if vs >= 0x00010300:
+            if vs >= VS_1_3:
                 try:
-                    ids = NamespaceIds.unpack(
-                        (await self._admin(admin, _identify(Cns.NS_DESC_LIST, nsid), 4096)).data
-                    )
+                    ids = NamespaceIds.unpack(await self._identify(admin, Cns.NS_DESC_LIST, nsid))
                 except NvmeError as e:
                     if isinstance(e, NvmeTransportError | NvmeTimeout):
                         raise
@@ -439,31 +435,26 @@ class Controller:
         aer = Sqe(AdminOpcode.ASYNC_EVENT_REQUEST)
         pending = {admin.submit(aer, expires=False) for _ in range(session.aers)}
         try:
-            await self._handle_events(session, pending)
+            while pending:
+                done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                pending -= done
+                for fut in done:
+                    if fut.exception() is not None:
+                        if isinstance(fut.exception(), NvmeTransportError):
+                            return
+                        continue  # e.g. AER limit exceeded: keep the others
+                    dw0 = fut.result() & 0xFFFFFFFF
+                    self.events.append(dw0)
+                    lid = (dw0 >> 16) & 0xFF
+                    if lid:  # reading the log page re-arms the event on the controller
+                        with contextlib.suppress(NvmeError):
+                            await self.get_log_page(lid, 4096 if lid == LogPage.CHANGED_NS_LIST else 512)
+                    if dw0 & 0x7 == AEN_NOTICE and (dw0 >> 8) & 0xFF == AEN_NS_CHANGED:
+                        await self._rescan(session)
+                    pending.add(admin.submit(aer, expires=False))
         finally:
             for fut in pending:
                 fut.cancel()  # outstanding AERs end with the connection; nobody awaits them
-
-    async def _handle_events(self, session: _Session, pending: set[asyncio.Future[int]]) -> None:
-        admin = session.admin
-        aer = Sqe(AdminOpcode.ASYNC_EVENT_REQUEST)
-        while pending:
-            done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-            pending -= done
-            for fut in done:
-                if fut.exception() is not None:
-                    if isinstance(fut.exception(), NvmeTransportError):
-                        return
-                    continue  # e.g. AER limit exceeded: keep the others
-                dw0 = fut.result() & 0xFFFFFFFF
-                self.events.append(dw0)
-                lid = (dw0 >> 16) & 0xFF
-                if lid:  # reading the log page re-arms the event on the controller
-                    with contextlib.suppress(NvmeError):
-                        await self.get_log_page(lid, 4096 if lid == LogPage.CHANGED_NS_LIST else 512)
-                if dw0 & 0x7 == AEN_NOTICE and (dw0 >> 8) & 0xFF == AEN_NS_CHANGED:
-                    await self._rescan(session)
-                pending.add(admin.submit(aer, expires=False))
 
     async def _rescan(self, session: _Session) -> None:
         namespaces = await self._scan(session.admin, session.identify, session.vs)
@@ -528,6 +519,10 @@ class Controller:
         buf = bytearray(data_in_len)
         result = await admin.command(sqe, memoryview(buf) if data_in_len else None, data_out or None)
         return AdminResult(result, bytes(buf))
+
+    async def _identify(self, admin: Queue, cns: int, nsid: int = 0) -> bytes:
+        """The 4 KiB data structure of Identify ``cns``."""
+        return (await self._admin(admin, Sqe(AdminOpcode.IDENTIFY, nsid=nsid, cdw10=cns), 4096)).data
 
     async def admin(self, sqe: Sqe, data_in_len: int = 0, data_out: bytes = b"") -> AdminResult:
         """Raw admin passthrough: returns (CQE DW0 | DW1 << 32, data read)."""
@@ -666,27 +661,24 @@ class Controller:
         await self._await_ready()
         await self._rw(opcode, nsid, slba, nlb, view, to_target)
 
+    async def _retrying(self, run: Callable[[Queue], Awaitable[T]]) -> T:
+        """``run`` on the least busy I/O queue; after a transport error wait for the reconnect and retry."""
+        for _ in range(IO_ATTEMPTS - 1):
+            try:
+                return await run(self._pick())
+            except NvmeTransportError:
+                if self._closing:
+                    raise
+            await self._await_ready()
+        return await run(self._pick())
+
     async def _rw(
         self, opcode: int, nsid: int, slba: int, nlb: int, view: memoryview, to_target: bool
     ) -> None:
-        for _ in range(IO_ATTEMPTS - 1):
-            try:
-                return await self._pick().rw(opcode, nsid, slba, nlb, view, to_target)
-            except NvmeTransportError:
-                if self._closing:
-                    raise
-            await self._await_ready()
-        return await self._pick().rw(opcode, nsid, slba, nlb, view, to_target)
+        await self._retrying(lambda queue: queue.rw(opcode, nsid, slba, nlb, view, to_target))
 
     async def _io_command(self, sqe: Sqe, data_out: bytes | None = None) -> int:
-        for _ in range(IO_ATTEMPTS - 1):
-            try:
-                return await self._pick().command(sqe, data_out=data_out)
-            except NvmeTransportError:
-                if self._closing:
-                    raise
-            await self._await_ready()
-        return await self._pick().command(sqe, data_out=data_out)
+        return await self._retrying(lambda queue: queue.command(sqe, data_out=data_out))
 
     async def flush(self, nsid: int) -> None:
         await self._io_command(Sqe(IoOpcode.FLUSH, nsid=nsid))
@@ -712,10 +704,6 @@ class Controller:
 
 
 _outstanding = operator.attrgetter("outstanding")
-
-
-def _identify(cns: int, nsid: int = 0) -> Sqe:
-    return Sqe(AdminOpcode.IDENTIFY, nsid=nsid, cdw10=cns)
 
 
 def _connect_detail(error: NvmeError) -> str:

@@ -32,6 +32,18 @@ class PerfResult:
     p50_us: float
     p99_us: float
 
+    @classmethod
+    def measured(
+        cls, pattern: str, io_size: int, qd: int, queues: int, latencies_ns: list[int], seconds: float
+    ) -> PerfResult:
+        """The figures of ``seconds`` in which I/Os of these latencies (ns, one per I/O) completed."""
+        lat = sorted(latencies_ns)
+        ios = len(lat)
+        return cls(
+            pattern, io_size, qd, queues, ios, seconds, ios / seconds, ios * io_size / seconds / 1e6,
+            percentile(lat, 0.50) / 1e3, percentile(lat, 0.99) / 1e3,
+        )  # fmt: skip
+
     def as_dict(self) -> dict:
         return asdict(self)
 
@@ -68,12 +80,7 @@ async def run_perf(
     began = _clock()
     await load.run()
     elapsed = (_clock() - began) / 1e9
-    latencies = sorted(load.latencies)
-    ios = len(latencies)
-    return PerfResult(
-        pattern, io_size, qd, ctrl.io_queues, ios, elapsed, ios / elapsed, ios * io_size / elapsed / 1e6,
-        percentile(latencies, 0.50) / 1e3, percentile(latencies, 0.99) / 1e3,
-    )  # fmt: skip
+    return PerfResult.measured(pattern, io_size, qd, ctrl.io_queues, load.latencies, elapsed)
 
 
 class _ClosedLoop:
@@ -83,7 +90,7 @@ class _ClosedLoop:
         self, ctrl: Controller, nsid: int, opcode: int, io_size: int, nlb: int, slots: int, sequential: bool,
         qd: int, seconds: float,
     ):  # fmt: skip
-        self.ctrl = ctrl
+        self.start_io = ctrl.start_io
         self.nsid = nsid
         self.opcode = opcode
         self.nlb = nlb
@@ -111,7 +118,7 @@ class _ClosedLoop:
         else:
             lba = int(random.random() * self.slots) * self.nlb
         self.started[slot] = _clock()
-        self.ctrl.start_io(self.opcode, self.nsid, lba, self.buffers[slot], self._done, slot)
+        self.start_io(self.opcode, self.nsid, lba, self.buffers[slot], self._done, slot)
 
     def _done(self, slot: int, error: BaseException | None) -> None:
         end = _clock()

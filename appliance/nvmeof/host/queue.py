@@ -88,6 +88,16 @@ def new_hostid() -> bytes:
     return uuid.uuid4().bytes
 
 
+def connect_data(hostid: bytes, cntlid: int, subnqn: str, hostnqn: str) -> bytearray:
+    """The 1 KiB data of a Fabrics Connect: HOSTID, CNTLID, SUBNQN and HOSTNQN."""
+    data = bytearray(CONNECT_DATA_SIZE)
+    data[0:16] = hostid
+    data[16:18] = cntlid.to_bytes(2, "little")
+    data[256 : 256 + len(subnqn)] = subnqn.encode()
+    data[512 : 512 + len(hostnqn)] = hostnqn.encode()
+    return data
+
+
 class Queue(asyncio.BufferedProtocol):
     """Admin (qid 0) or I/O queue. Create with :meth:`open`, then :meth:`connect`."""
 
@@ -180,15 +190,11 @@ class Queue(asyncio.BufferedProtocol):
         self, subnqn: str, hostnqn: str, hostid: bytes, cntlid: int, sqsize: int, kato_ms: int
     ) -> int:
         """Fabrics Connect for this queue; returns the CNTLID. ``sqsize`` is 0's based."""
-        data = bytearray(CONNECT_DATA_SIZE)
-        data[0:16] = hostid
-        data[16:18] = cntlid.to_bytes(2, "little")
-        data[256 : 256 + len(subnqn)] = subnqn.encode()
-        data[512 : 512 + len(hostnqn)] = hostnqn.encode()
         sqe = Sqe(
             opcode=_FABRICS, nsid=FabricsType.CONNECT, cdw10=self.qid << 16, cdw11=sqsize,
             cdw12=kato_ms,
         )  # fmt: skip
+        data = connect_data(hostid, cntlid, subnqn, hostnqn)
         return await self.command(sqe, data_out=data) & 0xFFFF
 
     @property
@@ -453,8 +459,7 @@ class Queue(asyncio.BufferedProtocol):
         """The controller broke the protocol: tell it with an H2CTermReq and drop the connection."""
         self._fatal = (f"{self.name}: {message}", fes, fei)
         if self._transport and not self._closed:
-            self._out.extend(encode(TermReq(fes, fei, bytes(header), from_host=True)))
-            self._flush()
+            self._write(encode(TermReq(fes, fei, bytes(header), from_host=True)))
         self.abort()
 
     # ------------------------------------------------------------------ completion
@@ -488,11 +493,13 @@ class Queue(asyncio.BufferedProtocol):
                 {"message": f"{self.name}: completion callback failed", "exception": e, "protocol": self}
             )
 
-    def _status_error(self, cid: int, code: int, result: int, detail: str) -> NvmeError:
+    def _command_name(self, cid: int) -> str:
         opc = self._opc[cid]
-        name = command_name(self.qid, opc & 0xFF, opc >> 8)
+        return command_name(self.qid, opc & 0xFF, opc >> 8)
+
+    def _status_error(self, cid: int, code: int, result: int, detail: str) -> NvmeError:
         extra = f" ({detail})" if detail else ""
-        err = NvmeError(code, f"{name} failed on {self.name}: {status_name(code)}{extra}")
+        err = NvmeError(code, f"{self._command_name(cid)} failed on {self.name}: {status_name(code)}{extra}")
         err.result = result  # type: ignore[attr-defined]
         return err
 
@@ -711,8 +718,7 @@ class Queue(asyncio.BufferedProtocol):
         oldest = self._tick - self._tick_limit
         for cid, done in enumerate(self._done):
             if done is not None and self._started[cid] < oldest:
-                opc = self._opc[cid]
-                name = command_name(self.qid, opc & 0xFF, opc >> 8)
+                name = self._command_name(cid)
                 self._fail(cid, NvmeTimeout(f"{name} timed out after {self.timeout:g}s on {self.name}"))
                 self._fatal = (f"{self.name}: aborted after a command timeout", None, None)
                 self.abort()
