@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import subprocess
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 
 def stop_process(proc: subprocess.Popen[Any], timeout: float = 10.0) -> None:
@@ -16,3 +20,16 @@ def stop_process(proc: subprocess.Popen[Any], timeout: float = 10.0) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
     proc.wait(timeout=timeout)
+
+
+async def stop_async_process(proc: asyncio.subprocess.Process, timeout: float = 10.0) -> None:
+    """``stop_process`` for an asyncio child; idempotent. After SIGKILL the wait is not bounded."""
+    if proc.returncode is not None:
+        return
+    proc.terminate()
+    try:
+        await asyncio.wait_for(proc.wait(), timeout)
+    except TimeoutError:
+        log.warning("pid %d ignored SIGTERM for %gs; killing it", proc.pid, timeout)
+        proc.kill()
+        await proc.wait()

@@ -11,10 +11,9 @@ from pathlib import Path
 import yaml
 
 from ..spdk_rpc.drives import NvmeCli
+from ..spdk_rpc.lifecycle import DEFAULT_STATE_DIR
 from ..spdk_rpc.nodeconfig import DriveKind, NodeConfig, NodeConfigError, load_node_config
 from ..spdk_rpc.pci import MOUNTINFO, PciError, Step, apply, hugepages_reserved, plan_bind, plan_hugepages
-
-DEFAULT_STATE_DIR = Path(".kahu")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -71,8 +70,7 @@ def prepare_node(args: argparse.Namespace) -> int:
         return 0
     apply(plan, dry_run=args.dry_run)
     wanted = config.spdk.hugepages
-    if not args.dry_run and wanted and hugepages_reserved(args.sysfs_root) < wanted:
-        got = hugepages_reserved(args.sysfs_root)
+    if not args.dry_run and wanted and (got := hugepages_reserved(args.sysfs_root)) < wanted:
         raise PciError(f"spdk.hugepages: asked for {wanted} 2 MiB pages, the kernel reserved only {got}")
     return 0
 

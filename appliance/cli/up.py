@@ -10,11 +10,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..spdk_rpc.lifecycle import NodeTarget
+from ..spdk_rpc.lifecycle import DEFAULT_STATE_DIR, NodeTarget
 from ..spdk_rpc.nodeconfig import NodeConfig, load_node_config
 from ..spdk_rpc.rpc import RpcError
-
-DEFAULT_STATE_DIR = Path(".kahu")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -15,7 +15,7 @@ import os
 import re
 import shutil
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -123,6 +123,10 @@ class DiscoveryRecord:
 
 # --- parsers ----------------------------------------------------------------------------------------
 
+# SmartLog fields whose nvme-cli key differs from the field name; the others are named alike.
+_SMART_KEYS = {"temperature_kelvin": "temperature", "available_spare": "avail_spare",
+               "spare_threshold": "spare_thresh"}
+
 
 def parse_list(doc: Any) -> list[Namespace]:
     """Parse ``nvme list -o json`` in the flat (2.0-2.3) or nested (``--verbose``, 2.4+) form."""
@@ -164,22 +168,11 @@ def parse_smart_log(doc: Any) -> SmartLog:
     warning = d.get("critical_warning")
     if isinstance(warning, dict):  # human-readable form: {"value": N, "available_spare": 0, ...}
         warning = warning.get("value")
-    return SmartLog(
-        critical_warning=_number(warning, "smart-log.critical_warning"),
-        temperature_kelvin=_int(d, "temperature", "smart-log"),
-        available_spare=_int(d, "avail_spare", "smart-log"),
-        spare_threshold=_int(d, "spare_thresh", "smart-log"),
-        percent_used=_int(d, "percent_used", "smart-log"),
-        data_units_read=_int(d, "data_units_read", "smart-log"),
-        data_units_written=_int(d, "data_units_written", "smart-log"),
-        host_read_commands=_int(d, "host_read_commands", "smart-log"),
-        host_write_commands=_int(d, "host_write_commands", "smart-log"),
-        power_cycles=_int(d, "power_cycles", "smart-log"),
-        power_on_hours=_int(d, "power_on_hours", "smart-log"),
-        unsafe_shutdowns=_int(d, "unsafe_shutdowns", "smart-log"),
-        media_errors=_int(d, "media_errors", "smart-log"),
-        num_err_log_entries=_int(d, "num_err_log_entries", "smart-log"),
-    )
+    counters = {
+        f.name: _int(d, _SMART_KEYS.get(f.name, f.name), "smart-log")
+        for f in fields(SmartLog) if f.name != "critical_warning"
+    }
+    return SmartLog(critical_warning=_number(warning, "smart-log.critical_warning"), **counters)
 
 
 def parse_discovery_log(doc: Any) -> list[DiscoveryRecord]:

@@ -13,12 +13,12 @@ import contextlib
 import logging
 import os
 import shutil
-import signal
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..procs import stop_async_process
 from .nodeconfig import DriveKind, NodeConfig
 from .pci import hugepages_reserved
 from .reconciler import DesiredState, Plan, desired_state, reconcile
@@ -32,6 +32,7 @@ NO_HUGE_MEM_MB = 1024  # --no-huge needs -s; enough for a few TCP qpairs and mal
 START_TIMEOUT = 30.0  # socket + framework_wait_init; SPDK spends a while mapping memory
 STOP_TIMEOUT = 10.0
 RPC_TIMEOUT = 30.0
+DEFAULT_STATE_DIR = Path(".kahu")  # drive files, logs and runtime files
 _REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -135,16 +136,8 @@ class TargetProcess:
 
     async def stop(self, timeout: float = STOP_TIMEOUT) -> None:
         """SIGTERM, a bounded wait, then SIGKILL; idempotent."""
-        proc = self.proc
-        if proc is None or proc.returncode is not None:
-            return
-        proc.send_signal(signal.SIGTERM)
-        try:
-            await asyncio.wait_for(proc.wait(), timeout)
-        except TimeoutError:
-            log.warning("%s (pid %d) ignored SIGTERM for %gs; killing it", self.argv[0], proc.pid, timeout)
-            proc.kill()
-            await proc.wait()
+        if self.proc is not None:
+            await stop_async_process(self.proc, timeout)
 
 
 class NodeTarget:
@@ -154,8 +147,9 @@ class NodeTarget:
     ``nt.rpc`` is the live connection; ``await nt.wait_applied(n)`` waits for the n-th application.
     """
 
-    def __init__(self, config: NodeConfig, state_dir: Path | str = ".kahu", backoff: Backoff | None = None,
-                 desired: DesiredState | None = None, soft: bool | None = None):
+    def __init__(self, config: NodeConfig, state_dir: Path | str = DEFAULT_STATE_DIR,
+                 backoff: Backoff | None = None, desired: DesiredState | None = None,
+                 soft: bool | None = None):
         """``soft``: None uses SPDK when installed, True always the soft target, False requires SPDK."""
         self.config = config
         self.state_dir = Path(state_dir)

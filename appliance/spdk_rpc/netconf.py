@@ -171,7 +171,7 @@ class Topology:
     def close(self) -> None:
         """Stop the spawned processes, then delete every namespace (their links go with them)."""
         for proc in self._processes:
-            _stop(proc)
+            stop_process(proc, STOP_TIMEOUT)
         self._processes.clear()
         existing = set(netns.listnetns())
         for name in reversed(self._created):
@@ -205,7 +205,3 @@ class Topology:
 
     def _mtu(self) -> dict[str, int]:
         return {"mtu": self.mtu} if self.mtu else {}
-
-
-def _stop(proc: subprocess.Popen[Any]) -> None:
-    stop_process(proc, STOP_TIMEOUT)

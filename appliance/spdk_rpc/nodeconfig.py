@@ -24,7 +24,7 @@ import yaml
 
 from .. import units
 from ..nvmeof.spec import DISCOVERY_PORT, NQN_MAX, NVME_PORT
-from ..units import format_size
+from .pci import PCI_ADDRESS_RE
 
 NQN_PREFIX = "nqn.2026-11.io.kahu"
 DEFAULT_RPC_SOCKET = "/var/tmp/spdk.sock"
@@ -39,7 +39,6 @@ DRIVE_UUID_NAMESPACE = uuidlib.uuid5(uuidlib.NAMESPACE_URL, "https://kahu.io/ns/
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 _NQN_RE = re.compile(r"^nqn\.\d{4}-\d{2}\.[A-Za-z0-9.-]+(:\S+)?$")
-_PCI_RE = re.compile(r"^[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]$")
 _CPUMASK_RE = re.compile(r"^0x[0-9a-fA-F]+$")
 
 
@@ -316,7 +315,7 @@ def _source(kind: DriveKind, value: Any, where: str) -> str:
     if not isinstance(value, str) or not value:
         raise NodeConfigError(f"{where}: must be a non-empty string")
     if kind is DriveKind.PCI:
-        if not _PCI_RE.match(value.lower()):
+        if not PCI_ADDRESS_RE.match(value.lower()):
             raise NodeConfigError(f"{where}: must be a PCI address like 0000:0a:00.0, got {value!r}")
         return value.lower()
     if kind is DriveKind.BLOCK_DEVICE and not value.startswith("/dev/"):
@@ -469,11 +468,11 @@ def _address_dict(a: DataAddress) -> dict[str, Any]:
 def _drive_dict(d: DriveSpec) -> dict[str, Any]:
     out: dict[str, Any] = {"name": d.name}
     if d.kind is DriveKind.MALLOC:
-        out["malloc"] = format_size(d.size or 0)
+        out["malloc"] = units.format_size(d.size or 0)
     else:
         out[str(d.kind)] = d.source
     if d.kind is DriveKind.FILE:
-        out["size"] = format_size(d.size or 0)
+        out["size"] = units.format_size(d.size or 0)
     if d.block_size is not None:
         out["block_size"] = d.block_size
     out["uuid"] = str(d.uuid)

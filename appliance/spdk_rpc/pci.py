@@ -20,7 +20,7 @@ HUGEPAGES_2M = "kernel/mm/hugepages/hugepages-2048kB/nr_hugepages"
 NVME_CLASS_PREFIX = "0x0108"  # PCI class 01 (mass storage), subclass 08 (non-volatile memory)
 VFIO_DRIVER = "vfio-pci"
 MOUNTINFO = "/proc/self/mountinfo"
-_PCI_RE = re.compile(r"^[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]$")
+PCI_ADDRESS_RE = re.compile(r"^[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]$")
 _PATH_NS_RE = re.compile(r"^nvme\d+c\d+n\d+$")  # a multipath path device; its head lives in /sys/block
 
 
@@ -165,7 +165,7 @@ def _probe(pci_addr: str, sysfs_root: str | Path, driver: str) -> Step:
 
 
 def _device_dir(pci_addr: str, sysfs_root: str | Path) -> Path:
-    if not _PCI_RE.match(pci_addr):
+    if not PCI_ADDRESS_RE.match(pci_addr):
         raise PciError(f"{pci_addr!r}: not a PCI address like 0000:0a:00.0")
     dev = Path(sysfs_root) / "bus/pci/devices" / pci_addr
     if not dev.is_dir():

@@ -28,9 +28,11 @@ log = logging.getLogger(__name__)
 
 INFINIBAND_CLASS = Path("/sys/class/infiniband")
 DEFAULT_MAX_NAMESPACES = 32  # SPDK's default; more drives need a larger subsystem
-# How each kind of bdev the reconciler may find is deleted: product_name -> method.
-_DELETE_METHODS = {"Malloc disk": "bdev_malloc_delete", "AIO disk": "bdev_aio_delete"}
 _NVME_PRODUCT = "NVMe disk"
+_MALLOC_PRODUCT = "Malloc disk"
+_AIO_PRODUCT = "AIO disk"
+# How each kind of bdev the reconciler may find is deleted: product_name -> method.
+_DELETE_METHODS = {_MALLOC_PRODUCT: "bdev_malloc_delete", _AIO_PRODUCT: "bdev_aio_delete"}
 _NVME_BDEV_SUFFIX = re.compile(r"n\d+$")
 
 
@@ -84,7 +86,6 @@ class BdevSpec:
 
     name: str
     create: Step
-    delete: Step
     product_name: str
     identity: tuple[tuple[str, Any], ...]  # (bdev_get_bdevs key, value) pairs that must match
     backing_file: tuple[str, int] | None = None  # (path, size) of a file drive, created before use
@@ -173,15 +174,13 @@ def _bdev_spec(drive: DriveSpec) -> BdevSpec:
     uuid = str(drive.uuid)
     if drive.kind is DriveKind.PCI:
         params = {"name": drive.name, "trtype": "pcie", "traddr": drive.source}
-        return BdevSpec(f"{drive.name}n1", Step("bdev_nvme_attach_controller", params),
-                        Step("bdev_nvme_detach_controller", {"name": drive.name}), _NVME_PRODUCT, ())
+        return BdevSpec(f"{drive.name}n1", Step("bdev_nvme_attach_controller", params), _NVME_PRODUCT, ())
     if drive.kind is DriveKind.MALLOC:
         assert drive.size is not None and drive.block_size is not None
         num_blocks = drive.size // drive.block_size
         params = {"name": drive.name, "num_blocks": num_blocks, "block_size": drive.block_size, "uuid": uuid}
         identity = (("block_size", drive.block_size), ("num_blocks", num_blocks), ("uuid", uuid))
-        return BdevSpec(drive.name, Step("bdev_malloc_create", params),
-                        Step("bdev_malloc_delete", {"name": drive.name}), "Malloc disk", identity)
+        return BdevSpec(drive.name, Step("bdev_malloc_create", params), _MALLOC_PRODUCT, identity)
     params = {"filename": drive.source, "name": drive.name, "uuid": uuid}
     identity: tuple[tuple[str, Any], ...] = (("uuid", uuid), ("filename", drive.source))
     if drive.block_size is not None:
@@ -190,8 +189,7 @@ def _bdev_spec(drive: DriveSpec) -> BdevSpec:
     if drive.size is not None and drive.block_size is not None:
         identity += (("num_blocks", drive.size // drive.block_size),)
     backing = (drive.source, drive.size) if drive.kind is DriveKind.FILE and drive.size else None
-    return BdevSpec(drive.name, Step("bdev_aio_create", params),
-                    Step("bdev_aio_delete", {"name": drive.name}), "AIO disk", identity, backing)
+    return BdevSpec(drive.name, Step("bdev_aio_create", params), _AIO_PRODUCT, identity, backing)
 
 
 def teardown_state() -> DesiredState:
@@ -205,10 +203,12 @@ def plan(desired: DesiredState, observed: Observed) -> Plan:
     subsystems = {s["nqn"]: s for s in observed.subsystems}
     bdevs = {b["name"]: b for b in observed.bdevs}
     wanted_bdevs = {b.name: b for b in desired.bdevs}
-    wanted_controllers = {b.delete.params["name"] for b in desired.bdevs if b.product_name == _NVME_PRODUCT}
+    # Every bdev of a wanted NVMe controller stays: they can only go all at once, with the controller.
+    wanted_controllers = {_nvme_controller(b.name, b.product_name) for b in desired.bdevs} - {None}
     stale_bdevs = {
         name for name, b in bdevs.items()
-        if not _bdev_matches(wanted_bdevs.get(name), b) and _nvme_controller(b) not in wanted_controllers
+        if not _bdev_matches(wanted_bdevs.get(name), b)
+        and _nvme_controller(name, b["product_name"]) not in wanted_controllers
     }
 
     ours = subsystems.get(desired.nqn) if desired.nqn else None
@@ -218,7 +218,8 @@ def plan(desired: DesiredState, observed: Observed) -> Plan:
         ours = None  # identity changed: rebuild it from scratch
     doomed = [s for s in subsystems.values() if s["subtype"] != "Discovery" and s is not ours]
 
-    # 1. What goes away, safest first.
+    # 1. What goes away, safest first. ``present``: bdevs whose namespace in ``ours`` stays as it is.
+    present: set[str] = set()
     discovery = subsystems.get(DISCOVERY_NQN, {"listen_addresses": []})
     _remove_listeners(out, "discovery", discovery, desired.discovery_listeners)
     for sub in [*doomed, *([ours] if ours else [])]:
@@ -233,8 +234,10 @@ def plan(desired: DesiredState, observed: Observed) -> Plan:
         for ns in sub["namespaces"]:
             if ns["bdev_name"] in stale_bdevs or not _ns_matches(wanted_ns.get(ns["bdev_name"]), ns):
                 out.call("nvmf_subsystem_remove_ns", nqn=sub["nqn"], nsid=ns["nsid"])
+            else:  # only ``ours`` wants namespaces
+                present.add(ns["bdev_name"])
     for name in sorted(stale_bdevs):
-        _delete_bdev(out, bdevs[name], wanted_bdevs.get(name))
+        _delete_bdev(out, bdevs[name])
     for sub in doomed:
         out.call("nvmf_delete_subsystem", nqn=sub["nqn"])
 
@@ -254,7 +257,6 @@ def plan(desired: DesiredState, observed: Observed) -> Plan:
         out.call("nvmf_create_subsystem", nqn=desired.nqn, serial_number=desired.serial_number,
                  model_number=desired.model_number, allow_any_host=desired.allow_any_host,
                  max_namespaces=desired.max_namespaces)
-    present = _kept_namespaces(ours, stale_bdevs, desired.namespaces)
     for ns in desired.namespaces:
         if ns.bdev_name not in present:
             out.call("nvmf_subsystem_add_ns", nqn=desired.nqn,
@@ -284,18 +286,6 @@ def _ns_matches(spec: NamespaceSpec | None, ns: dict[str, Any]) -> bool:
     )
 
 
-def _kept_namespaces(sub: dict[str, Any] | None, stale_bdevs: set[str],
-                     wanted: tuple[NamespaceSpec, ...]) -> set[str]:
-    """Bdev names whose namespace survives step 1 unchanged."""
-    if sub is None:
-        return set()
-    by_bdev = {n.bdev_name: n for n in wanted}
-    return {
-        ns["bdev_name"] for ns in sub["namespaces"]
-        if ns["bdev_name"] not in stale_bdevs and _ns_matches(by_bdev.get(ns["bdev_name"]), ns)
-    }
-
-
 def _listeners(sub: dict[str, Any] | None) -> set[Listener]:
     return {Listener.from_json(a) for a in sub["listen_addresses"]} if sub else set()
 
@@ -310,16 +300,14 @@ def _add_listeners(out: Plan, nqn: str, sub: dict[str, Any] | None, wanted: froz
         out.call("nvmf_subsystem_add_listener", nqn=nqn, listen_address=listener.params())
 
 
-def _nvme_controller(bdev: dict[str, Any]) -> str | None:
+def _nvme_controller(name: str, product_name: str) -> str | None:
     """The bdev_nvme controller name of an NVMe bdev ("Nvme0" for "Nvme0n1"), else None."""
-    return _NVME_BDEV_SUFFIX.sub("", bdev["name"]) if bdev["product_name"] == _NVME_PRODUCT else None
+    return _NVME_BDEV_SUFFIX.sub("", name) if product_name == _NVME_PRODUCT else None
 
 
-def _delete_bdev(out: Plan, bdev: dict[str, Any], spec: BdevSpec | None) -> None:
+def _delete_bdev(out: Plan, bdev: dict[str, Any]) -> None:
     """Delete a bdev with its module's call; NVMe bdevs go with their controller (once)."""
-    if spec is not None and spec.product_name == bdev["product_name"]:
-        step = spec.delete
-    elif (controller := _nvme_controller(bdev)) is not None:
+    if (controller := _nvme_controller(bdev["name"], bdev["product_name"])) is not None:
         step = Step("bdev_nvme_detach_controller", {"name": controller})
     elif bdev["product_name"] in _DELETE_METHODS:
         step = Step(_DELETE_METHODS[bdev["product_name"]], {"name": bdev["name"]})
