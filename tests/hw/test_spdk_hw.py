@@ -6,7 +6,6 @@ runs with --no-huge and -u (no PCI) unless hugepages are reserved, so no drive i
 
 from __future__ import annotations
 
-import asyncio
 import sys
 from pathlib import Path
 
@@ -15,9 +14,9 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "soft"))  # the shared scenarios
 
 from rpc_scenarios import (
-    SCENARIO_TIMEOUT,
     changed_drive_replaces_its_namespace,
     create_reapply_delta_connect_teardown,
+    run_scenario,
 )
 
 from appliance.spdk_rpc.lifecycle import SPDK_BIN_ENV, SPDK_BINARIES, find_spdk_binary
@@ -36,10 +35,8 @@ pytestmark = pytest.mark.skipif(skip_reason() is not None, reason=skip_reason() 
 
 
 def test_spdk_create_reapply_delta_connect_teardown(tmp_path: Path) -> None:
-    scenario = create_reapply_delta_connect_teardown(tmp_path, soft=False)
-    asyncio.run(asyncio.wait_for(scenario, SCENARIO_TIMEOUT))
+    run_scenario(create_reapply_delta_connect_teardown, tmp_path, soft=False)
 
 
 def test_spdk_changed_drive_replaces_its_namespace(tmp_path: Path) -> None:
-    scenario = changed_drive_replaces_its_namespace(tmp_path, soft=False)
-    asyncio.run(asyncio.wait_for(scenario, SCENARIO_TIMEOUT))
+    run_scenario(changed_drive_replaces_its_namespace, tmp_path, soft=False)

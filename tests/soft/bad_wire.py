@@ -17,6 +17,7 @@ from typing import Any
 
 from conftest import TEST_NQN, WIRE_HOSTNQN
 from nvme_wire import WireQueue, open_controller, open_io_queue
+from nvme_wire import rw_sqe as wire_rw_sqe
 
 from appliance.nvmeof.host.controller import Controller
 from appliance.nvmeof.pdu import CH, TERM, CapsuleCmd, Digests, Sqe, encode_bytes
@@ -223,10 +224,8 @@ async def bad_input_rig(soft_target: Callable, tmp_path: Path) -> AsyncIterator[
 
 
 def rw_sqe(opcode: int, slba: int, nlb: int, *, cid: int = 0x1234, nsid: int = NSID) -> Sqe:
-    """A Read/Write SQE (NLB one-based here); the SGL is filled in by :func:`capsule`."""
-    return Sqe(
-        opcode, cid=cid, nsid=nsid, cdw10=slba & 0xFFFFFFFF, cdw11=slba >> 32, cdw12=(nlb - 1) & 0xFFFF
-    )
+    """``nvme_wire.rw_sqe`` with this rig's defaults; the SGL is filled in by :func:`capsule`."""
+    return wire_rw_sqe(opcode, slba, nlb, cid=cid, nsid=nsid)
 
 
 def capsule(dg: Digests, sqe: Sqe, data: bytes = b"", *, sgl_len: int | None = None,

@@ -1,4 +1,4 @@
-"""Shared fixtures for the soft-target tests: free ports, an in-process target, a `kahu target serve`."""
+"""Shared pieces of the soft-target tests: a bounded ``run``, in-process targets, a `kahu target serve`."""
 
 from __future__ import annotations
 
@@ -15,33 +15,53 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from ports import free_port as free_port_now
+from nvme_wire import HOSTNQN as WIRE_HOSTNQN
 
 from appliance.nvmeof.spec import DISCOVERY_NQN
 from appliance.nvmeof.target.config import apply_target_config, parse_target_config
+from appliance.nvmeof.target.model import Bdev, ListenAddress, MallocBdev, Subsystem, Transport
 from appliance.nvmeof.target.server import TargetServer
 from appliance.procs import stop_process
 
 REPO = Path(__file__).resolve().parents[2]
 TEST_NQN = "nqn.2026-11.io.kahu:test"
-WIRE_HOSTNQN = "nqn.2014-08.org.nvmexpress:uuid:6b61687a-7465-7374-0000-000000000001"
 TEST_TIMEOUT = 20.0
 
 
-@pytest.fixture
-def free_port() -> Callable[[], int]:
-    """A function returning a currently unused TCP port on 127.0.0.1."""
-    return free_port_now
-
-
-def run(coro: Any, timeout: float = TEST_TIMEOUT) -> Any:
-    """Run a test scenario on a fresh event loop with a hard time bound."""
+def run(coro: Any, timeout: float = TEST_TIMEOUT, runner: Callable[[Any], Any] = asyncio.run) -> Any:
+    """Run a test scenario on a fresh event loop (``runner``: e.g. ``uvloop.run``) with a hard time bound."""
 
     async def bounded() -> Any:
         async with asyncio.timeout(timeout):
             return await coro
 
-    return asyncio.run(bounded())
+    return runner(bounded())
+
+
+@contextlib.asynccontextmanager
+async def serve_bdevs(
+    bdevs: list[Bdev] | None = None, hosts: list[str] | None = None, port: int = 0, **transport
+) -> AsyncIterator[tuple[TargetServer, int]]:
+    """A soft target built from model objects: ``bdevs`` (default: 8 MiB of 512-byte blocks) as TEST_NQN.
+
+    ``transport`` are ``Transport`` options; ``hosts`` None allows any host. The subsystem and
+    discovery share one listener on 127.0.0.1 (``port`` 0: an ephemeral one); yields (server, port).
+    """
+    async with TargetServer() as server:
+        target = server.target
+        target.add_transport(Transport(**transport))
+        target.add_subsystem(
+            Subsystem(
+                TEST_NQN, serial_number="KAHUHOST0001", allow_any_host=hosts is None, hosts=list(hosts or [])
+            )
+        )
+        for bdev in bdevs or [MallocBdev("m0", 512, 16384)]:
+            target.add_bdev(bdev)
+            target.add_namespace(TEST_NQN, bdev.name)
+        address = ListenAddress("127.0.0.1", str(port))
+        await target.add_listener(TEST_NQN, address)
+        await target.add_listener(DISCOVERY_NQN, address)
+        yield server, server.bound_port(address)
 
 
 def default_target_config(tmp_path: Path) -> dict[str, Any]:
@@ -106,20 +126,15 @@ class ServeProcess:
     output: list[str]
 
 
-@pytest.fixture
-def kahu_serve(tmp_path: Path) -> Iterator[Callable[[str, int], ServeProcess]]:
-    """Start ``kahu target serve CONFIG`` and wait until it announced ``listeners`` listening lines."""
-    procs: list[subprocess.Popen[bytes]] = []
-
-    def start(config_text: str, listeners: int) -> ServeProcess:
-        config = tmp_path / "target.yaml"
-        config.write_text(config_text)
-        env = {**os.environ, "PYTHONPATH": str(REPO)}
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "appliance.cli.main", "target", "serve", str(config)],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
-        )  # fmt: skip
-        procs.append(proc)
+@contextlib.contextmanager
+def kahu_target_serve(config: Path, listeners: int) -> Iterator[ServeProcess]:
+    """``kahu target serve CONFIG`` for the block, once it announced ``listeners`` listening lines."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "appliance.cli.main", "target", "serve", str(config)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
+    )  # fmt: skip
+    try:
         served = ServeProcess(proc, [], [])
         deadline = time.monotonic() + TEST_TIMEOUT
         pending = b""
@@ -139,9 +154,20 @@ def kahu_serve(tmp_path: Path) -> Iterator[Callable[[str, int], ServeProcess]]:
                     if line.startswith("listening tcp "):
                         host, port = line.split()[2].rsplit(":", 1)
                         served.addresses.append((host, int(port)))
-        return served
-
-    yield start
-    for proc in procs:
+        yield served
+    finally:
         stop_process(proc)
         proc.stdout.close()
+
+
+@pytest.fixture
+def kahu_serve(tmp_path: Path) -> Iterator[Callable[[str, int], ServeProcess]]:
+    """``kahu_serve(config_text, listeners)``: :func:`kahu_target_serve` until the test ends."""
+    with contextlib.ExitStack() as stack:
+
+        def start(config_text: str, listeners: int) -> ServeProcess:
+            config = tmp_path / "target.yaml"
+            config.write_text(config_text)
+            return stack.enter_context(kahu_target_serve(config, listeners))
+
+        yield start

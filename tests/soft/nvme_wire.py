@@ -73,6 +73,28 @@ def connect_data(subnqn: str, hostnqn: str, cntlid: int = 0xFFFF, hostid: bytes 
     return bytes(out)
 
 
+def connect_sqe(cid: int = 0, qid: int = 0, sqsize: int = 31, kato: int = 0, recfmt: int = 0) -> Sqe:
+    return Sqe(AdminOpcode.FABRICS, cid=cid, nsid=FabricsType.CONNECT, flags=0,
+               cdw10=recfmt | qid << 16, cdw11=sqsize, cdw12=kato)  # fmt: skip
+
+
+def prop_get_sqe(offset: int, size8: bool = False, cid: int = 0) -> Sqe:
+    return Sqe(AdminOpcode.FABRICS, cid=cid, nsid=FabricsType.PROPERTY_GET, flags=0,
+               cdw10=int(size8), cdw11=offset)  # fmt: skip
+
+
+def prop_set_sqe(offset: int, value: int, size8: bool = False, cid: int = 0) -> Sqe:
+    return Sqe(AdminOpcode.FABRICS, cid=cid, nsid=FabricsType.PROPERTY_SET, flags=0,
+               cdw10=int(size8), cdw11=offset, cdw12=value & 0xFFFFFFFF, cdw13=value >> 32)  # fmt: skip
+
+
+def rw_sqe(opcode: int, slba: int, nlb: int, *, cid: int = 0, nsid: int = 1) -> Sqe:
+    """A Read/Write-style SQE (NLB one-based here); the SGL is filled in when it is sent."""
+    return Sqe(
+        opcode, cid=cid, nsid=nsid, cdw10=slba & 0xFFFFFFFF, cdw11=slba >> 32, cdw12=(nlb - 1) & 0xFFFF
+    )
+
+
 class WireQueue:
     """One NVMe/TCP queue of a test host."""
 
@@ -188,23 +210,20 @@ class WireQueue:
     # ------------------------------------------------------------------ Fabrics and admin helpers
 
     async def connect(self, subnqn: str, hostnqn: str = HOSTNQN, qid: int = 0, cntlid: int = 0xFFFF,
-                      sqsize: int = 31, kato: int = 0) -> Completion:  # fmt: skip
-        sqe = Sqe(AdminOpcode.FABRICS, cid=self.next_cid(), nsid=FabricsType.CONNECT, flags=0,
-                  cdw10=qid << 16, cdw11=sqsize, cdw12=kato)  # fmt: skip
-        done = await self.command(sqe, connect_data(subnqn, hostnqn, cntlid))
+                      sqsize: int = 31, kato: int = 0, recfmt: int = 0,
+                      data: bytes | None = None) -> Completion:  # fmt: skip
+        """Fabrics Connect; ``data`` replaces the connect data built from the NQNs and ``cntlid``."""
+        sqe = connect_sqe(self.next_cid(), qid, sqsize, kato, recfmt)
+        done = await self.command(sqe, data if data is not None else connect_data(subnqn, hostnqn, cntlid))
         if done.status == 0:
             self.cntlid = done.cqe.dw0 & 0xFFFF
         return done
 
     async def prop_get(self, offset: int, size8: bool = False) -> Completion:
-        sqe = Sqe(AdminOpcode.FABRICS, cid=self.next_cid(), nsid=FabricsType.PROPERTY_GET, flags=0,
-                  cdw10=int(size8), cdw11=offset)  # fmt: skip
-        return await self.command(sqe)
+        return await self.command(prop_get_sqe(offset, size8, self.next_cid()))
 
     async def prop_set(self, offset: int, value: int, size8: bool = False) -> Completion:
-        sqe = Sqe(AdminOpcode.FABRICS, cid=self.next_cid(), nsid=FabricsType.PROPERTY_SET, flags=0,
-                  cdw10=int(size8), cdw11=offset, cdw12=value & 0xFFFFFFFF, cdw13=value >> 32)  # fmt: skip
-        return await self.command(sqe)
+        return await self.command(prop_set_sqe(offset, value, size8, self.next_cid()))
 
     async def enable(self) -> None:
         assert (await self.prop_set(Property.CC, CC_ENABLE)).status == 0
@@ -239,15 +258,13 @@ class WireQueue:
     # ------------------------------------------------------------------ NVM helpers
 
     async def read(self, nsid: int, slba: int, nlb: int, block_size: int) -> Completion:
-        sqe = Sqe(IoOpcode.READ, cid=self.next_cid(), nsid=nsid, cdw10=slba & 0xFFFFFFFF, cdw11=slba >> 32,
-                  cdw12=nlb - 1)  # fmt: skip
+        sqe = rw_sqe(IoOpcode.READ, slba, nlb, cid=self.next_cid(), nsid=nsid)
         return await self.command(sqe, read_len=nlb * block_size)
 
     async def write(
         self, nsid: int, slba: int, data: bytes, block_size: int, in_capsule: bool = True
     ) -> Completion:
-        sqe = Sqe(IoOpcode.WRITE, cid=self.next_cid(), nsid=nsid, cdw10=slba & 0xFFFFFFFF, cdw11=slba >> 32,
-                  cdw12=len(data) // block_size - 1)  # fmt: skip
+        sqe = rw_sqe(IoOpcode.WRITE, slba, len(data) // block_size, cid=self.next_cid(), nsid=nsid)
         return await self.command(sqe, data, in_capsule=in_capsule)
 
 
@@ -266,3 +283,9 @@ async def open_io_queue(port: int, subnqn: str, cntlid: int, qid: int = 1, hostn
     done = await queue.connect(subnqn, hostnqn, qid=qid, cntlid=cntlid, sqsize=sqsize)
     assert done.status == 0, f"I/O connect failed: 0x{done.status:03x}"
     return queue
+
+
+async def open_queues(port: int, subnqn: str, qid: int = 1, **kw) -> tuple[WireQueue, WireQueue]:
+    """A new controller's enabled admin queue and its I/O queue ``qid``; ``kw`` go to both."""
+    admin = await open_controller(port, subnqn, **kw)
+    return admin, await open_io_queue(port, subnqn, admin.cntlid, qid=qid, **kw)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,11 @@ from appliance.spdk_rpc.reconciler import desired_state, reconcile, teardown_sta
 SCENARIO_TIMEOUT = 120.0
 HOST_A = "nqn.2014-08.org.nvmexpress:uuid:0a0a0a0a-1111-4222-8333-444444444444"
 HOST_B = "nqn.2014-08.org.nvmexpress:uuid:0b0b0b0b-1111-4222-8333-444444444444"
+
+
+def run_scenario(scenario: Callable[..., Coroutine[Any, Any, None]], tmp_path: Path, soft: bool) -> None:
+    """Run one of the scenarios below against the soft target or SPDK, bounded by SCENARIO_TIMEOUT."""
+    asyncio.run(asyncio.wait_for(scenario(tmp_path, soft=soft), SCENARIO_TIMEOUT))
 
 
 def node_config(tmp_path: Path, ports: list[int], drives: list[dict[str, Any]], hosts: list[str],

@@ -11,12 +11,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import REPO, kahu_target_serve
 
-from appliance.procs import stop_process
-
-REPO = Path(__file__).resolve().parents[2]
 NQN = "nqn.2026-11.io.kahu:cli-test"
-LISTENING = re.compile(r"listening tcp (\S+):(\d+)")
 
 
 def kahu(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
@@ -41,18 +38,9 @@ def target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     namespaces: [{{file: {backing}, block_size: 512}}]
 """
     )
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "appliance.cli.main", "target", "serve", str(config)],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
-    try:
-        line = proc.stdout.readline()  # type: ignore[union-attr]  # printed once listening
-        match = LISTENING.search(line)
-        assert match, f"target did not start: {line}{proc.stdout.read() if proc.poll() is not None else ''}"
-        yield f"{match.group(1)}:{match.group(2)}"
-    finally:
-        stop_process(proc)
-        proc.stdout.close()  # type: ignore[union-attr]
+    with kahu_target_serve(config, listeners=1) as served:
+        host, port = served.addresses[0]
+        yield f"{host}:{port}"
 
 
 def test_discover(target: str) -> None:

@@ -1,7 +1,8 @@
 """The Kahu NVMe/TCP host against the in-process soft target, through real loopback sockets.
 
-Each test builds its own target (``serve``) so transport options (digests, SUCCESS flag, in-capsule
-size) can differ per test; data is checked both through the host and in the target's bdev.
+Each test builds its own target (conftest's ``serve_bdevs``) so transport options (digests, SUCCESS
+flag, in-capsule size) can differ per test; data is checked both through the host and in the
+target's bdev.
 """
 
 from __future__ import annotations
@@ -10,61 +11,28 @@ import asyncio
 import contextlib
 import os
 import random
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator
 
 import pytest
+from conftest import TEST_NQN, run, serve_bdevs
 
 from appliance.nvmeof.host import Controller, NvmeError, discover
 from appliance.nvmeof.host.queue import Queue
-from appliance.nvmeof.spec import DISCOVERY_NQN, IoOpcode, Status
-from appliance.nvmeof.target.model import Bdev, ListenAddress, MallocBdev, Subsystem, Transport
+from appliance.nvmeof.spec import IoOpcode, Status
+from appliance.nvmeof.target.model import Bdev, MallocBdev
 from appliance.nvmeof.target.server import TargetServer
 
-NQN = "nqn.2026-11.io.kahu:host-test"
 HOSTNQN = "nqn.2014-08.org.nvmexpress:uuid:6b61687a-686f-7374-0000-000000000001"
-TEST_TIMEOUT = 30
-
-
-def run(coro: Awaitable) -> object:
-    """Run one test body with a hard upper bound."""
-
-    async def bounded():
-        async with asyncio.timeout(TEST_TIMEOUT):
-            return await coro
-
-    return asyncio.run(bounded())
-
-
-@contextlib.asynccontextmanager
-async def serve(
-    bdevs: list[Bdev] | None = None, hosts: list[str] | None = None, port: int = 0, **transport
-) -> AsyncIterator[tuple[TargetServer, int]]:
-    """A soft target on 127.0.0.1 exporting ``bdevs`` (default: 8 MiB of 512-byte blocks) as NQN."""
-    async with TargetServer() as server:
-        target = server.target
-        target.add_transport(Transport(**transport))
-        target.add_subsystem(
-            Subsystem(
-                NQN, serial_number="KAHUHOST0001", allow_any_host=hosts is None, hosts=list(hosts or [])
-            )
-        )
-        for bdev in bdevs or [MallocBdev("m0", 512, 16384)]:
-            target.add_bdev(bdev)
-            target.add_namespace(NQN, bdev.name)
-        address = ListenAddress("127.0.0.1", str(port))
-        await target.add_listener(NQN, address)
-        await target.add_listener(DISCOVERY_NQN, address)
-        yield server, server.bound_port(address)
 
 
 @contextlib.asynccontextmanager
 async def connected(
     bdevs: list[Bdev] | None = None, connect: dict | None = None, **transport
 ) -> AsyncIterator[tuple[TargetServer, Controller]]:
-    """``serve`` plus a connected controller, closed before the target stops."""
+    """``serve_bdevs`` plus a connected controller, closed before the target stops."""
     async with contextlib.AsyncExitStack() as stack:
-        server, port = await stack.enter_async_context(serve(bdevs, **transport))
-        ctrl = await Controller.connect("127.0.0.1", port, NQN, **(connect or {}))
+        server, port = await stack.enter_async_context(serve_bdevs(bdevs, **transport))
+        ctrl = await Controller.connect("127.0.0.1", port, TEST_NQN, **(connect or {}))
         stack.push_async_callback(ctrl.close)
         yield server, ctrl
 
@@ -81,8 +49,8 @@ def test_identify_and_namespaces() -> None:
     async def body():
         bdevs = [MallocBdev("m0", 512, 16384), MallocBdev("m1", 4096, 1024)]
         async with connected(bdevs, connect={"hostnqn": HOSTNQN}) as (server, ctrl):
-            sub = server.target.subsystem(NQN)
-            assert ctrl.identify.subnqn == NQN
+            sub = server.target.subsystem(TEST_NQN)
+            assert ctrl.identify.subnqn == TEST_NQN
             assert ctrl.identify.sn == "KAHUHOST0001"
             assert ctrl.cntlid == ctrl.identify.cntlid
             assert [c.cntlid for c in server.controllers(sub)] == [ctrl.cntlid]
@@ -154,10 +122,10 @@ def test_read_completion_styles(c2h_success: bool) -> None:
     """Reads complete whether the target ends them with C2HData SUCCESS or with a CapsuleResp."""
 
     async def body():
-        async with serve(c2h_success=c2h_success) as (server, port):
+        async with serve_bdevs(c2h_success=c2h_success) as (server, port):
             pattern = os.urandom(1 << 20)
             server.target.bdevs["m0"].write(0, pattern)
-            async with await Controller.connect("127.0.0.1", port, NQN, io_queues=2) as ctrl:
+            async with await Controller.connect("127.0.0.1", port, TEST_NQN, io_queues=2) as ctrl:
                 buf = bytearray(len(pattern))  # 1 MiB: split into MDTS-sized commands
                 await ctrl.read(1, 0, buf)
                 assert buf == pattern
@@ -210,7 +178,7 @@ def test_write_zeroes_deallocate_compare_flush() -> None:
 
 def test_lba_out_of_range_is_an_nvme_error() -> None:
     async def body():
-        async with serve() as (_, port), await Controller.connect("127.0.0.1", port, NQN) as ctrl:
+        async with serve_bdevs() as (_, port), await Controller.connect("127.0.0.1", port, TEST_NQN) as ctrl:
             with pytest.raises(NvmeError) as failed:
                 await ctrl.read(1, 16384 - 1, bytearray(1024))
             assert failed.value.status == Status.LBA_OUT_OF_RANGE
@@ -273,7 +241,7 @@ def test_raising_completion_callback_leaves_the_queue_working() -> None:
 
 def test_connect_errors_name_the_nqn() -> None:
     async def body():
-        async with serve(hosts=[HOSTNQN]) as (_, port):
+        async with serve_bdevs(hosts=[HOSTNQN]) as (_, port):
             wrong = "nqn.2026-11.io.kahu:no-such-subsystem"
             with pytest.raises(NvmeError) as failed:
                 await Controller.connect("127.0.0.1", port, wrong, hostnqn=HOSTNQN)
@@ -281,7 +249,7 @@ def test_connect_errors_name_the_nqn() -> None:
             assert wrong in str(failed.value) and "SUBNQN" in str(failed.value)
             stranger = "nqn.2014-08.org.nvmexpress:uuid:6b61687a-686f-7374-0000-0000000000ff"
             with pytest.raises(NvmeError) as refused:
-                await Controller.connect("127.0.0.1", port, NQN, hostnqn=stranger)
+                await Controller.connect("127.0.0.1", port, TEST_NQN, hostnqn=stranger)
             assert refused.value.status == Status.CONNECT_INVALID_HOST
             assert stranger in str(refused.value)
 
@@ -290,9 +258,9 @@ def test_connect_errors_name_the_nqn() -> None:
 
 def test_discovery_lists_the_subsystem() -> None:
     async def body():
-        async with serve() as (_, port):
+        async with serve_bdevs() as (_, port):
             entries = await discover("127.0.0.1", port, hostnqn=HOSTNQN)
-        nvm = [e for e in entries if e.subnqn == NQN]
+        nvm = [e for e in entries if e.subnqn == TEST_NQN]
         assert len(nvm) == 1
         assert (nvm[0].traddr, int(nvm[0].trsvcid)) == ("127.0.0.1", port)
         assert nvm[0].subtype == 2
@@ -302,10 +270,10 @@ def test_discovery_lists_the_subsystem() -> None:
 
 def test_connect_discovered_entry() -> None:
     async def body():
-        async with serve() as (_, port):
-            entry = next(e for e in await discover("127.0.0.1", port) if e.subnqn == NQN)
+        async with serve_bdevs() as (_, port):
+            entry = next(e for e in await discover("127.0.0.1", port) if e.subnqn == TEST_NQN)
             async with await Controller.connect_discovered(entry) as ctrl:
-                assert ctrl.identify.subnqn == NQN and 1 in ctrl.namespaces
+                assert ctrl.identify.subnqn == TEST_NQN and 1 in ctrl.namespaces
 
     run(body())
 
@@ -318,7 +286,7 @@ def test_namespace_change_event_rescans() -> None:
             assert list(ctrl.namespaces) == [1]
             changed = ctrl.namespace_change()
             server.target.add_bdev(MallocBdev("m1", 4096, 256))
-            server.target.add_namespace(NQN, "m1")
+            server.target.add_namespace(TEST_NQN, "m1")
             await changed
             assert sorted(ctrl.namespaces) == [1, 2]
             assert ctrl.namespaces[2].block_size == 4096

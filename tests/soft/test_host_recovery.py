@@ -9,12 +9,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
-from test_host_io import NQN, run, serve
+from conftest import TEST_NQN, run, serve_bdevs
+from ports import free_port
 
 from appliance.nvmeof.host import Controller, NvmeTimeout, NvmeTransportError
 from appliance.nvmeof.host.queue import Queue
@@ -25,19 +25,13 @@ from appliance.nvmeof.target.model import FileBdev
 Script = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_keep_alive_keeps_idle_controller_past_kato() -> None:
     """Idle for 2.5 x KATO: the target keeps the controller because the host sends Keep Alive."""
 
     async def body():
-        async with serve(kas=1) as (server, port):
-            sub = server.target.subsystem(NQN)
-            async with await Controller.connect("127.0.0.1", port, NQN, kato_ms=1000) as ctrl:
+        async with serve_bdevs(kas=1) as (server, port):
+            sub = server.target.subsystem(TEST_NQN)
+            async with await Controller.connect("127.0.0.1", port, TEST_NQN, kato_ms=1000) as ctrl:
                 assert ctrl.kato == 1000
                 [target_ctrl] = server.controllers(sub)
                 await asyncio.sleep(2.5)  # the idle period under test, not a synchronisation
@@ -57,9 +51,9 @@ def test_without_keep_alive_the_target_drops_and_host_reconnects(monkeypatch: py
     monkeypatch.setattr(Controller, "_keep_alive", silent)
 
     async def body():
-        async with serve(kas=1) as (server, port):
-            sub = server.target.subsystem(NQN)
-            async with await Controller.connect("127.0.0.1", port, NQN, kato_ms=1000) as ctrl:
+        async with serve_bdevs(kas=1) as (server, port):
+            sub = server.target.subsystem(TEST_NQN)
+            async with await Controller.connect("127.0.0.1", port, TEST_NQN, kato_ms=1000) as ctrl:
                 first = ctrl.cntlid
                 await asyncio.sleep(2.5)
                 assert ctrl.reconnects >= 1
@@ -77,26 +71,26 @@ def test_reconnect_after_target_restart(tmp_path: Path) -> None:
     port = free_port()
 
     async def scenario():
-        async with serve([FileBdev("f0", str(backing), 512)], port=port):
-            ctrl = await Controller.connect("127.0.0.1", port, NQN, io_queues=2, reconnect_timeout=20)
+        async with serve_bdevs([FileBdev("f0", str(backing), 512)], port=port):
+            ctrl = await Controller.connect("127.0.0.1", port, TEST_NQN, io_queues=2, reconnect_timeout=20)
             await ctrl.write(1, 128, data)
         buf = bytearray(len(data))
         # The target is gone now: this read fails on the dead queues and waits for the reconnect.
         reading = asyncio.create_task(ctrl.read(1, 128, buf))
         try:
-            async with serve([FileBdev("f0", str(backing), 512)], port=port) as (server, _):
+            async with serve_bdevs([FileBdev("f0", str(backing), 512)], port=port) as (server, _):
                 await reading  # re-issued on the new queues
 
                 assert buf == data
                 assert ctrl.reconnects == 1 and ctrl.io_queues == 2
-                sub = server.target.subsystem(NQN)
+                sub = server.target.subsystem(TEST_NQN)
                 assert [c.cntlid for c in server.controllers(sub)] == [ctrl.cntlid]
         finally:
             reading.cancel()
             await asyncio.gather(reading, return_exceptions=True)
             await ctrl.close()
 
-    run(scenario())
+    run(scenario(), timeout=30)  # above the host's reconnect_timeout
 
 
 @contextlib.asynccontextmanager
@@ -139,7 +133,7 @@ def test_no_icresp_times_out() -> None:
     async def body():
         async with fake_controller(mute) as port:
             with pytest.raises(NvmeTimeout) as failed:
-                await Controller.connect("127.0.0.1", port, NQN, timeout=0.3)
+                await Controller.connect("127.0.0.1", port, TEST_NQN, timeout=0.3)
         assert "ICResp" in str(failed.value)
         assert isinstance(failed.value, TimeoutError)
 
@@ -152,7 +146,7 @@ def test_unanswered_command_times_out() -> None:
     async def body():
         async with fake_controller(answer_icreq) as port:
             with pytest.raises(NvmeTimeout) as failed:
-                await Controller.connect("127.0.0.1", port, NQN, timeout=0.3)
+                await Controller.connect("127.0.0.1", port, TEST_NQN, timeout=0.3)
         assert "Fabrics CONNECT timed out" in str(failed.value)
 
     run(body())

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import REPO, run
 from ports import free_port
 from rpc_helpers import write_read_block
 
@@ -17,7 +18,6 @@ from appliance.spdk_rpc.lifecycle import Backoff, NodeTarget, spdk_command
 from appliance.spdk_rpc.nodeconfig import NodeConfig, parse_node_config
 from appliance.spdk_rpc.rpc import RpcError
 
-REPO = Path(__file__).resolve().parents[2]
 TIMEOUT = 60.0
 
 
@@ -67,7 +67,7 @@ def test_killed_target_is_restarted_and_state_reapplied(tmp_path: Path) -> None:
             last = nt.process.proc
         assert last is not None and last.returncode is not None, "leaving the context stops the target"
 
-    asyncio.run(asyncio.wait_for(main(), 2 * TIMEOUT))
+    run(main(), 2 * TIMEOUT)
 
 
 def test_target_that_cannot_start_fails_with_reason(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -81,7 +81,7 @@ def test_target_that_cannot_start_fails_with_reason(tmp_path: Path, monkeypatch:
             async with nt:
                 pytest.fail("a target that exits at once cannot be running")
 
-    asyncio.run(asyncio.wait_for(main(), TIMEOUT))
+    run(main(), TIMEOUT)
 
 
 def test_spdk_command_line(tmp_path: Path) -> None:
@@ -128,4 +128,4 @@ def test_kahu_up_runs_until_sigint(tmp_path: Path) -> None:
                 proc.kill()
                 await proc.wait()
 
-    asyncio.run(asyncio.wait_for(main(), 2 * TIMEOUT))
+    run(main(), 2 * TIMEOUT)

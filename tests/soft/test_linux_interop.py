@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from conftest import TEST_NQN as NQN
 from linux_guest import GUEST_IP, HOST_IP, Guest, GuestResult, run_guest
 from ports import free_port
 
@@ -20,7 +21,6 @@ from appliance.nvmeof.host import Controller, discover
 
 pytestmark = pytest.mark.qemu
 
-NQN = "nqn.2026-11.io.kahu:test"
 LINUX_NQN = "nqn.2026-11.io.kahu:linux-nvmet"
 KAHU_HOSTNQN = "nqn.2026-11.io.kahu:host-under-test"
 PATTERN = os.urandom(256 * 1024)  # 64 blocks of 4 KiB, random so a stale or zero read cannot pass

@@ -4,15 +4,14 @@ every exported namespace."""
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 from pathlib import Path
 from typing import Any
 
 from rpc_scenarios import (
-    SCENARIO_TIMEOUT,
     changed_drive_replaces_its_namespace,
     create_reapply_delta_connect_teardown,
+    run_scenario,
 )
 
 from appliance.nvmeof.spec import DISCOVERY_NQN
@@ -21,13 +20,11 @@ from appliance.spdk_rpc.reconciler import Observed, desired_state, plan
 
 
 def test_create_reapply_delta_connect_teardown(tmp_path: Path) -> None:
-    scenario = create_reapply_delta_connect_teardown(tmp_path, soft=True)
-    asyncio.run(asyncio.wait_for(scenario, SCENARIO_TIMEOUT))
+    run_scenario(create_reapply_delta_connect_teardown, tmp_path, soft=True)
 
 
 def test_changed_drive_replaces_its_namespace(tmp_path: Path) -> None:
-    scenario = changed_drive_replaces_its_namespace(tmp_path, soft=True)
-    asyncio.run(asyncio.wait_for(scenario, SCENARIO_TIMEOUT))
+    run_scenario(changed_drive_replaces_its_namespace, tmp_path, soft=True)
 
 
 def observed(subsystems: list[dict[str, Any]] | None = None, bdevs: list[dict[str, Any]] | None = None,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from conftest import TEST_NQN, WIRE_HOSTNQN, default_target_config, run
-from nvme_wire import OTHER_HOSTNQN, WireQueue, open_controller, open_io_queue
+from nvme_wire import OTHER_HOSTNQN, WireQueue, open_controller, open_io_queue, open_queues
 
 from appliance.nvmeof.identify import IdentifyController
 from appliance.nvmeof.spec import Cns, Status
@@ -57,8 +57,7 @@ def test_allow_any_host_and_its_removal(soft_target, tmp_path) -> None:
 def test_deleting_a_subsystem_drops_its_controllers(soft_target) -> None:
     async def scenario() -> None:
         async with soft_target() as t:
-            admin = await open_controller(t.io_port, TEST_NQN)
-            io = await open_io_queue(t.io_port, TEST_NQN, admin.cntlid)
+            admin, io = await open_queues(t.io_port, TEST_NQN)
             await t.server.target.delete_subsystem(TEST_NQN)
             assert await admin.closed_by_peer() and await io.closed_by_peer()
 
@@ -68,8 +67,7 @@ def test_deleting_a_subsystem_drops_its_controllers(soft_target) -> None:
 def test_closing_the_admin_queue_ends_the_controller(soft_target) -> None:
     async def scenario() -> None:
         async with soft_target() as t:
-            admin = await open_controller(t.io_port, TEST_NQN)
-            io = await open_io_queue(t.io_port, TEST_NQN, admin.cntlid)
+            admin, io = await open_queues(t.io_port, TEST_NQN)
             await admin.close()
             assert await io.closed_by_peer()
             assert t.server.controllers(t.server.target.subsystem(TEST_NQN)) == []

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 
 from conftest import TEST_NQN, run
-from nvme_wire import OTHER_HOSTNQN, WireQueue, open_controller, open_io_queue
+from nvme_wire import OTHER_HOSTNQN, WireQueue, open_controller, open_io_queue, open_queues
 
 from appliance.nvmeof.identify import IdentifyController, IdentifyNamespace, NamespaceIds, unpack_nsid_list
 from appliance.nvmeof.pdu import ICReq, TermReq
@@ -130,8 +130,7 @@ def test_features(soft_target) -> None:
 def test_log_pages(soft_target) -> None:
     async def scenario() -> None:
         async with soft_target() as t:
-            q = await open_controller(t.io_port, TEST_NQN)
-            io = await open_io_queue(t.io_port, TEST_NQN, q.cntlid)
+            q, io = await open_queues(t.io_port, TEST_NQN)
             assert (await io.write(1, 0, b"\x5a" * 4096, 512)).status == 0
             assert (await io.read(1, 0, 8, 512)).status == 0
             smart = await q.get_log(LogPage.SMART, 512, nsid=0xFFFFFFFF)

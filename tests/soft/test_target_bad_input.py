@@ -26,7 +26,17 @@ from bad_wire import (
     write_sqe,
 )
 from conftest import TEST_NQN, WIRE_HOSTNQN, run
-from nvme_wire import CC_ENABLE, OTHER_HOSTNQN, Completion, WireQueue, connect_data, open_io_queue
+from nvme_wire import (
+    CC_ENABLE,
+    OTHER_HOSTNQN,
+    Completion,
+    WireQueue,
+    connect_data,
+    connect_sqe,
+    open_io_queue,
+    prop_get_sqe,
+    prop_set_sqe,
+)
 
 from appliance.nvmeof.pdu import (
     CH,
@@ -43,7 +53,7 @@ from appliance.nvmeof.pdu import (
     decode,
     encode_bytes,
 )
-from appliance.nvmeof.spec import AdminOpcode, FabricsType, Fes, IoOpcode, Property, Status, status_code
+from appliance.nvmeof.spec import AdminOpcode, Fes, IoOpcode, Property, Status, status_code
 
 Allowed = tuple[tuple[int, int | None], ...]
 FatalCase = Callable[[Rig], Awaitable[tuple[WireQueue, bytes, Allowed]]]
@@ -438,12 +448,9 @@ def iattr_ipo(attr: int, offset: int) -> int:
     return offset | attr << 16
 
 
-async def connect_raw(q: WireQueue, *, recfmt: int = 0, qid: int = 0, sqsize: int = 31, cntlid: int = 0xFFFF,
-                      subnqn: str = TEST_NQN, hostnqn: str = WIRE_HOSTNQN,
-                      data: bytes | None = None) -> Completion:  # fmt: skip
-    sqe = Sqe(AdminOpcode.FABRICS, cid=q.next_cid(), nsid=FabricsType.CONNECT, flags=0,
-              cdw10=recfmt | qid << 16, cdw11=sqsize)  # fmt: skip
-    return await q.command(sqe, data if data is not None else connect_data(subnqn, hostnqn, cntlid))
+async def connect_raw(q: WireQueue, *, subnqn: str = TEST_NQN, **kw) -> Completion:
+    """A Connect to TEST_NQN (as WIRE_HOSTNQN) unless ``kw`` say otherwise; status not checked."""
+    return await q.connect(subnqn, **kw)
 
 
 # (connect arguments, status, DW0); "CNTLID" in the arguments means the rig controller's CNTLID
@@ -735,15 +742,11 @@ GARBAGE_ROUNDS = 100
 def admin_session() -> list[bytes]:
     """A valid admin-queue session, PDU by PDU (no digests)."""
     dg = Digests()
-    connect = Sqe(AdminOpcode.FABRICS, cid=1, nsid=FabricsType.CONNECT, flags=0, cdw11=31)
-    cc = Sqe(AdminOpcode.FABRICS, cid=2, nsid=FabricsType.PROPERTY_SET, flags=0, cdw11=Property.CC,
-             cdw12=CC_ENABLE)  # fmt: skip
-    csts = Sqe(AdminOpcode.FABRICS, cid=3, nsid=FabricsType.PROPERTY_GET, flags=0, cdw11=Property.CSTS)
     return [
         encode_bytes(ICReq()),
-        capsule(dg, connect, connect_data(TEST_NQN, WIRE_HOSTNQN)),
-        capsule(dg, cc),
-        capsule(dg, csts),
+        capsule(dg, connect_sqe(cid=1), connect_data(TEST_NQN, WIRE_HOSTNQN)),
+        capsule(dg, prop_set_sqe(Property.CC, CC_ENABLE, cid=2)),
+        capsule(dg, prop_get_sqe(Property.CSTS, cid=3)),
         capsule(dg, Sqe(AdminOpcode.IDENTIFY, cid=4, cdw10=1), sgl_len=4096),
         capsule(dg, Sqe(AdminOpcode.GET_FEATURES, cid=5, cdw10=0x07)),
         capsule(dg, Sqe(AdminOpcode.KEEP_ALIVE, cid=6)),
@@ -753,11 +756,10 @@ def admin_session() -> list[bytes]:
 def io_session(cntlid: int) -> list[bytes]:
     """A valid I/O-queue session on FUZZ_NSID: in-capsule write, read, R2T write with its H2CData."""
     dg = Digests()
-    connect = Sqe(AdminOpcode.FABRICS, cid=1, nsid=FabricsType.CONNECT, flags=0, cdw10=1 << 16, cdw11=31)
     data = bytes(range(256)) * 8
     return [
         encode_bytes(ICReq()),
-        capsule(dg, connect, connect_data(TEST_NQN, WIRE_HOSTNQN, cntlid)),
+        capsule(dg, connect_sqe(cid=1, qid=1), connect_data(TEST_NQN, WIRE_HOSTNQN, cntlid)),
         capsule(dg, rw_sqe(IoOpcode.WRITE, 10, 4, cid=2, nsid=FUZZ_NSID), data),
         capsule(dg, rw_sqe(IoOpcode.READ, 10, 4, cid=3, nsid=FUZZ_NSID), sgl_len=len(data)),
         capsule(dg, rw_sqe(IoOpcode.WRITE, 20, 4, cid=4, nsid=FUZZ_NSID), sgl_len=len(data)),

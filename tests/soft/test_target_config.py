@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 from conftest import TEST_NQN, run
-from nvme_wire import open_controller, open_io_queue
+from nvme_wire import open_controller, open_queues
+from ports import free_port
 
 from appliance.nvmeof.spec import DISCOVERY_NQN, LogPage
 from appliance.nvmeof.target.config import load_target_config, parse_size, parse_target_config
@@ -87,7 +88,7 @@ def test_load_rejects_bad_yaml(tmp_path: Path) -> None:
         load_target_config(path)
 
 
-def test_kahu_target_serve_runs_until_sigterm(kahu_serve, free_port, tmp_path: Path) -> None:
+def test_kahu_target_serve_runs_until_sigterm(kahu_serve, tmp_path: Path) -> None:
     io_port, disc_port = free_port(), free_port()
     served = kahu_serve(
         f"""
@@ -109,8 +110,7 @@ subsystems:
     async def scenario() -> None:
         d = await open_controller(disc_port, DISCOVERY_NQN)
         assert (await d.get_log(LogPage.DISCOVERY, 1024)).data[8] == 2  # NUMREC: subsystem + discovery
-        admin = await open_controller(io_port, TEST_NQN)
-        io = await open_io_queue(io_port, TEST_NQN, admin.cntlid)
+        admin, io = await open_queues(io_port, TEST_NQN)
         assert (await io.write(1, 5, b"k" * 512, 512)).status == 0
         assert (await io.read(1, 5, 1, 512)).data == b"k" * 512
         for q in (io, admin, d):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from conftest import TEST_NQN, WIRE_HOSTNQN, run
 from nvme_wire import OTHER_HOSTNQN, open_controller
+from ports import free_port
 
 from appliance.nvmeof.identify import DiscoveryEntry, IdentifyController, unpack_discovery_header
 from appliance.nvmeof.spec import DISCOVERY_NQN, Cns, Feature, LogPage, Status
@@ -29,7 +30,7 @@ def entries(log: bytes) -> list[DiscoveryEntry]:
     return [DiscoveryEntry.unpack(log[1024 * (i + 1) : 1024 * (i + 2)]) for i in range(numrec)]
 
 
-def test_discovery_log_per_host(soft_target, free_port) -> None:
+def test_discovery_log_per_host(soft_target) -> None:
     io_port, disc_port = free_port(), free_port()
 
     async def scenario() -> None:

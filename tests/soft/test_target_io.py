@@ -9,8 +9,8 @@ import os
 import struct
 
 import pytest
-from conftest import TEST_NQN, TEST_TIMEOUT, default_target_config, run
-from nvme_wire import open_controller, open_io_queue
+from conftest import TEST_NQN, default_target_config, run
+from nvme_wire import open_controller, open_io_queue, open_queues
 
 from appliance.nvmeof.pdu import CapsuleCmd, Sqe, encode
 from appliance.nvmeof.spec import IoOpcode, Status
@@ -18,15 +18,10 @@ from appliance.nvmeof.spec import IoOpcode, Status
 RAM_NS, FILE_NS = 1, 2  # 512-byte blocks in RAM, 4096-byte blocks in a file
 
 
-async def io_queue(t, qid: int = 1, **kw):
-    admin = await open_controller(t.io_port, TEST_NQN, **kw)
-    return admin, await open_io_queue(t.io_port, TEST_NQN, admin.cntlid, qid=qid, **kw)
-
-
 def test_in_capsule_and_r2t_writes_read_back(soft_target) -> None:
     async def scenario() -> None:
         async with soft_target() as t:
-            admin, q = await io_queue(t)
+            admin, q = await open_queues(t.io_port, TEST_NQN)
             small = os.urandom(4096)
             assert (await q.write(RAM_NS, 8, small, 512)).status == 0
             assert not q.r2ts  # 4 KiB fits in the capsule
@@ -52,7 +47,7 @@ def test_reads_without_success_flag(soft_target, tmp_path) -> None:
 
     async def scenario() -> None:
         async with soft_target(config) as t:
-            admin, q = await io_queue(t)
+            admin, q = await open_queues(t.io_port, TEST_NQN)
             data = os.urandom(8192)
             assert (await q.write(FILE_NS, 0, data, 4096, in_capsule=False)).status == 0
             back = await q.read(FILE_NS, 0, 2, 4096)
@@ -66,7 +61,7 @@ def test_reads_without_success_flag(soft_target, tmp_path) -> None:
 def test_header_and_data_digests(soft_target) -> None:
     async def scenario() -> None:
         async with soft_target() as t:
-            admin, q = await io_queue(t, hdgst=True, ddgst=True)
+            admin, q = await open_queues(t.io_port, TEST_NQN, hdgst=True, ddgst=True)
             data = os.urandom(16384)
             assert (await q.write(FILE_NS, 1, data, 4096, in_capsule=False)).status == 0
             assert (await q.write(RAM_NS, 0, data[:4096], 512)).status == 0
@@ -86,7 +81,7 @@ def test_header_and_data_digests(soft_target) -> None:
 def test_compare_write_zeroes_deallocate_flush(soft_target) -> None:
     async def scenario() -> None:
         async with soft_target() as t:
-            admin, q = await io_queue(t)
+            admin, q = await open_queues(t.io_port, TEST_NQN)
             for nsid, bs in ((RAM_NS, 512), (FILE_NS, 4096)):
                 data = os.urandom(4 * bs)
                 small = len(data) <= 4096
@@ -116,7 +111,7 @@ def test_compare_write_zeroes_deallocate_flush(soft_target) -> None:
 def test_rejected_commands_write_nothing(soft_target) -> None:
     async def scenario() -> None:
         async with soft_target() as t:
-            admin, q = await io_queue(t)
+            admin, q = await open_queues(t.io_port, TEST_NQN)
             nblocks = 16 * 1024 * 1024 // 512
             tail = os.urandom(512)
             assert (await q.write(RAM_NS, nblocks - 1, tail, 512)).status == 0
@@ -178,11 +173,7 @@ def test_many_queues_pipelined(soft_target) -> None:
 
 
 def run_on(loop: str, coro) -> None:
-    if loop == "uvloop":
-        uvloop = pytest.importorskip("uvloop")
-        uvloop.run(asyncio.wait_for(coro, TEST_TIMEOUT))
-    else:
-        run(coro)
+    run(coro, runner=pytest.importorskip("uvloop").run if loop == "uvloop" else asyncio.run)
 
 
 @pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
@@ -192,7 +183,7 @@ def test_reads_queued_behind_a_full_socket_keep_their_data(soft_target, loop) ->
 
     async def scenario() -> None:
         async with soft_target() as t:
-            admin, q = await io_queue(t)
+            admin, q = await open_queues(t.io_port, TEST_NQN)
             for conn in t.server._connections:  # keep reading commands however much output waits
                 conn.transport.set_write_buffer_limits(high=64 << 20)
             old = os.urandom(128 * 1024)
@@ -220,7 +211,7 @@ def test_file_reads_missing_the_page_cache(soft_target, tmp_path) -> None:
 
     async def scenario() -> None:
         async with soft_target() as t:
-            admin, q = await io_queue(t)
+            admin, q = await open_queues(t.io_port, TEST_NQN)
             data = os.urandom(256 * 1024)
             for i in range(2):
                 chunk = data[i * 131072 : (i + 1) * 131072]

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import run
 from ports import free_port
 from rpc_helpers import HOSTNQN, read_answer, request, soft_rpc_target, write_read_block
 from spdk.rpc.client import JSONRPCClient, JSONRPCException
@@ -138,7 +139,7 @@ def test_spdk_client_drives_full_scenario_and_host_connects(tmp_path: Path) -> N
             with pytest.raises(ConnectionRefusedError):  # the listener closed with its last subsystem
                 socket.create_connection(("127.0.0.1", port), timeout=1).close()
 
-    asyncio.run(main())
+    run(main())
     assert not os.path.exists(path), "stop() must remove the socket file"
 
 
@@ -154,7 +155,7 @@ def run_raw(tmp_path: Path, body) -> None:
         async with soft_rpc_target(path):
             await body(path)
 
-    asyncio.run(main())
+    run(main())
 
 
 def test_two_requests_in_one_send_and_one_request_split_across_sends(tmp_path: Path) -> None:
@@ -293,5 +294,5 @@ def test_socket_in_use_is_refused_and_stale_socket_replaced(tmp_path: Path) -> N
                 await RpcServer(server, path).start()
             assert await asyncio.to_thread(lambda: JSONRPCClient(path, timeout=5).framework_wait_init())
 
-    asyncio.run(main())
+    run(main())
     assert not os.path.exists(path)
