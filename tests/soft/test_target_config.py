@@ -53,6 +53,7 @@ def sub(c):
         (lambda c: ns(1)(c).update(malloc="lots"), "subsystems[0].namespaces[1].malloc"),
         (lambda c: ns(0)(c).update(file="/x"), "subsystems[0].namespaces[0]: needs exactly"),
         (lambda c: ns(0)(c).update(block_size=1000), "namespaces[0].block_size"),
+        (lambda c: ns(0)(c).update(uuid="not-a-uuid"), "namespaces[0].uuid: not a UUID"),
         (lambda c: sub(c).update(listeners=[{"traddr": "::1", "trsvcid": "x"}]), "listeners[0].trsvcid"),
         (lambda c: c["subsystems"].append({"nqn": TEST_NQN}), "subsystems[1].nqn: duplicate"),
         (lambda c: sub(c).update(allow_any_host="yes"), "subsystems[0].allow_any_host"),

@@ -215,6 +215,7 @@ def test_oversized_request_is_a_parse_error(tmp_path: Path) -> None:
         (request("bdev_malloc_create", num_blocks="8", block_size=512), -32602, "num_blocks"),
         (request("bdev_malloc_create", num_blocks=8, block_size=512, colour="red"), -32602, "colour"),
         (request("bdev_malloc_create", num_blocks=8, block_size=500), -32602, "512"),
+        (request("bdev_malloc_create", num_blocks=8, block_size=512, uuid="zz"), -32602, "not a UUID"),
         (request("nvmf_create_subsystem", nqn="not-an-nqn"), -32602, "nqn"),
         (request("nvmf_subsystem_add_listener", nqn=DISCOVERY_NQN,
                  listen_address={"trtype": "TCP", "traddr": "127.0.0.1", "trsvcid": 4420}),

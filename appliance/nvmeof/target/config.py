@@ -16,7 +16,7 @@ import yaml
 
 from ... import units
 from ..spec import DISCOVERY_NQN
-from .model import Bdev, ConfigError, FileBdev, ListenAddress, MallocBdev, Subsystem, Transport
+from .model import Bdev, ConfigError, FileBdev, ListenAddress, MallocBdev, Subsystem, Transport, parse_uuid
 
 if TYPE_CHECKING:
     from .server import TargetServer
@@ -153,6 +153,11 @@ def _namespace(value: Any, where: str, index: int) -> NamespaceConfig:
     if nsid is not None:
         _typed(nsid, int, f"{where}.nsid")
     ids = {k: _typed(spec[k], str, f"{where}.{k}") for k in ("uuid", "nguid", "eui64") if k in spec}
+    if "uuid" in ids:
+        try:
+            parse_uuid(ids["uuid"])
+        except ConfigError as e:
+            raise ConfigError(f"{where}.uuid: {e}") from None
     name = _typed(spec.get("name", ""), str, f"{where}.name")
     return NamespaceConfig(where, kind, path, size, block_size, name, nsid, **ids)
 

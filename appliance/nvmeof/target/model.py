@@ -23,6 +23,14 @@ class ConfigError(ValueError):
     """A request that does not fit the current configuration (SPDK answers -32602)."""
 
 
+def parse_uuid(text: str) -> uuidlib.UUID:
+    """A UUID from configuration or an RPC; a malformed one is a ConfigError, not a crash."""
+    try:
+        return uuidlib.UUID(text)
+    except (ValueError, TypeError, AttributeError) as e:
+        raise ConfigError(f"not a UUID: {text!r}") from e
+
+
 @dataclass(frozen=True, slots=True)
 class ListenAddress:
     traddr: str
@@ -59,7 +67,7 @@ class Bdev:
         self.name = name
         self.block_size = block_size
         self.num_blocks = num_blocks
-        self.uuid = str(uuidlib.UUID(uuid)) if uuid else str(uuidlib.uuid4())
+        self.uuid = str(parse_uuid(uuid)) if uuid else str(uuidlib.uuid4())
         self.claimed = False
         self.stat = IoStat()
 
@@ -141,15 +149,14 @@ class FileBdev(Bdev):
             fd = os.open(filename, os.O_RDWR | os.O_CLOEXEC)
         except OSError as e:
             raise ConfigError(f"cannot open {filename}: {e.strerror}") from e
-        try:
+        try:  # any refusal below must not leak the descriptor
             size = os.lseek(fd, 0, os.SEEK_END)
-        except OSError:
+            if size < block_size:
+                raise ConfigError(f"{filename} is smaller than one {block_size}-byte block")
+            super().__init__(name, block_size, size // block_size, uuid)
+        except BaseException:
             os.close(fd)
             raise
-        if size < block_size:
-            os.close(fd)
-            raise ConfigError(f"{filename} is smaller than one {block_size}-byte block")
-        super().__init__(name, block_size, size // block_size, uuid)
         self.filename = filename
         self.fd = fd
         self._nowait = True  # RWF_NOWAIT reads work here until the kernel says otherwise
@@ -304,7 +311,7 @@ class Subsystem:
             raise ConfigError(f"nsid {nsid} outside 1..{self.max_namespaces}")
         if nsid in self.namespaces:
             raise ConfigError(f"nsid {nsid} already in use in {self.nqn}")
-        ns_uuid = uuidlib.UUID(uuid) if uuid else uuidlib.UUID(bdev.uuid)
+        ns_uuid = parse_uuid(uuid or bdev.uuid)
         try:
             nguid_b = bytes.fromhex(nguid.replace("-", "")) if nguid else ns_uuid.bytes
             eui64_b = bytes.fromhex(eui64.replace("-", "")) if eui64 else ns_uuid.bytes[:8]

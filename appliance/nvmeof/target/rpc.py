@@ -20,7 +20,6 @@ import signal
 import socket
 import stat
 import time
-import uuid as uuidlib
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict
 from typing import Any
@@ -173,15 +172,6 @@ def _decode(params: dict[str, Any], required: ParamSpec, optional: ParamSpec | N
 
 
 _TYPE_NAMES = {str: "a string", int: "an integer", bool: "a boolean", dict: "an object", list: "an array"}
-
-
-def _uuid(value: str | None, name: str) -> str | None:
-    if value is None:
-        return None
-    try:
-        return str(uuidlib.UUID(value))
-    except ValueError:
-        raise RpcError(INVALID_PARAMS, f"{name} is not a UUID: {value!r}") from None
 
 
 def _listen_address(value: dict[str, Any]) -> ListenAddress:
@@ -478,7 +468,7 @@ class RpcServer:
                      {"nsid": int, "nguid": str, "eui64": str, "uuid": str})
         return self.target.add_namespace(
             p["nqn"], ns["bdev_name"], nsid=ns.get("nsid"), nguid=ns.get("nguid"),
-            eui64=ns.get("eui64"), uuid=_uuid(ns.get("uuid"), "uuid"),
+            eui64=ns.get("eui64"), uuid=ns.get("uuid"),
         )
 
     @_rpc
@@ -521,7 +511,7 @@ class RpcServer:
     async def bdev_malloc_create(self, params: dict[str, Any]) -> str:
         p = _decode(params, {"num_blocks": int, "block_size": int}, {"name": str, "uuid": str})
         name = p.get("name") or self._next_malloc_name()
-        bdev = MallocBdev(name, p["block_size"], p["num_blocks"], _uuid(p.get("uuid"), "uuid"))
+        bdev = MallocBdev(name, p["block_size"], p["num_blocks"], p.get("uuid"))
         return self.target.add_bdev(bdev).name
 
     def _next_malloc_name(self) -> str:
@@ -542,7 +532,7 @@ class RpcServer:
         block_size = p.get("block_size") or 512  # 0 means "detect": regular files use 512
         if p["name"] in self.target.bdevs:
             raise RpcError(INVALID_PARAMS, f"bdev {p['name']} already exists")
-        bdev = FileBdev(p["name"], p["filename"], block_size, _uuid(p.get("uuid"), "uuid"))
+        bdev = FileBdev(p["name"], p["filename"], block_size, p.get("uuid"))
         return self.target.add_bdev(bdev).name
 
     @_rpc
