@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
+import signal
 import subprocess
 from typing import Any
 
@@ -33,3 +35,14 @@ async def stop_async_process(proc: asyncio.subprocess.Process, timeout: float = 
         log.warning("pid %d ignored SIGTERM for %gs; killing it", proc.pid, timeout)
         proc.kill()
         await proc.wait()
+
+
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(sig: int = signal.SIGTERM) -> None:
+    """A ``preexec_fn``: the child gets ``sig`` when its parent dies, so a crashed owner (a node's
+    backend, the one-machine supervisor) never leaves its children running and holding ports."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG)")

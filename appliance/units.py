@@ -43,3 +43,12 @@ def format_size(size: int) -> str:
         if size % scale == 0:
             return f"{size // scale}{unit}"
     return f"{size}B"
+
+
+def human_size(size: int) -> str:
+    """A size for people to read, rounded to three significant digits ("1.50GiB", "768MiB", "0B")."""
+    for unit, scale in _BINARY.items():
+        if size >= scale:
+            value = size / scale
+            return f"{value:.3g}{unit}" if value < 1000 else f"{value:.0f}{unit}"
+    return f"{size}B"

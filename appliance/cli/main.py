@@ -6,8 +6,10 @@ import argparse
 import importlib
 import sys
 
+from ..cluster.etcd import EtcdError
+
 # Modules under appliance.cli that each define ``register(subparsers)``.
-GROUPS = ("up", "target", "nvme", "node")
+GROUPS = ("up", "status", "cluster", "node", "drive", "fs", "target", "nvme")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         return 130
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, EtcdError) as e:
         print(f"kahu: error: {e}", file=sys.stderr)
         return 1
 

@@ -1,19 +1,32 @@
-"""``kahu node ...``: this node's configuration file, its NVMe drives, and preparing it for SPDK."""
+"""``kahu node ...``: cluster membership (add, list, remove), running a node's backend (serve), and this
+machine's node configuration file, NVMe drives and preparation for SPDK."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import dataclasses
 import json
+import logging
+import signal
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
 import yaml
 
+from ..backend.node import NodeBackend, NodeRemoved, notify_fd
+from ..cluster.schema import Config, Node
+from ..cluster.store import ClusterStore, Observed
+from ..home import etcd_endpoints
+from ..nvmeof.spec import DISCOVERY_PORT, NVME_PORT
 from ..spdk_rpc.drives import NvmeCli
-from ..spdk_rpc.lifecycle import DEFAULT_STATE_DIR
+from ..spdk_rpc.lifecycle import DEFAULT_STATE_DIR, NodeTarget
 from ..spdk_rpc.nodeconfig import DriveKind, NodeConfig, NodeConfigError, load_node_config
 from ..spdk_rpc.pci import MOUNTINFO, PciError, Step, apply, hugepages_reserved, plan_bind, plan_hugepages
+from ..spdk_rpc.rpc import RpcError
+from .context import add_cluster_arguments, home_of, table, with_store
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -34,6 +47,40 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     prepare.add_argument("--sysfs-root", type=Path, default=Path("/sys"), help=argparse.SUPPRESS)
     prepare.add_argument("--mountinfo", type=Path, default=Path(MOUNTINFO), help=argparse.SUPPRESS)
     prepare.set_defaults(func=prepare_node)
+
+    target = sub.add_parser("target", help="run a drive target alone, from a node configuration file")
+    target.add_argument("--config", type=Path, help="node configuration file (default: one-machine default)")
+    target.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR,
+                        help="where drive files, logs and runtime files live (default: ./.kahu)")
+    target.set_defaults(func=run_target)
+
+    add = sub.add_parser("add", help="add a node to the cluster")
+    add.add_argument("name")
+    add.add_argument("--address", required=True, help="the address its drive target listens on")
+    add.add_argument("--failure-domain", default="", help="e.g. its rack (default: the node itself)")
+    add.add_argument("--port", type=int, default=NVME_PORT, help=f"NVMe/TCP port (default {NVME_PORT})")
+    add.add_argument("--discovery-port", type=int, default=DISCOVERY_PORT,
+                     help=f"discovery port (default {DISCOVERY_PORT})")
+    add_cluster_arguments(add)
+    add.set_defaults(func=add_node)
+
+    listing = sub.add_parser("list", help="the cluster's nodes and their health")
+    listing.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    add_cluster_arguments(listing)
+    listing.set_defaults(func=list_nodes)
+
+    remove = sub.add_parser("remove", help="remove a node (must be down) and retire its drives")
+    remove.add_argument("name")
+    remove.add_argument("--force", action="store_true", help="remove it even while it is up")
+    add_cluster_arguments(remove)
+    remove.set_defaults(func=remove_node)
+
+    serve = sub.add_parser("serve", help="run a node's backend: its drive target, heartbeat and duties")
+    serve.add_argument("name")
+    serve.add_argument("--soft", action="store_true", help="use the soft target even where SPDK is installed")
+    serve.add_argument("--notify-fd", type=int, help=argparse.SUPPRESS)
+    add_cluster_arguments(serve)
+    serve.set_defaults(func=serve_node)
 
 
 def check_config(args: argparse.Namespace) -> int:
@@ -83,3 +130,115 @@ def preparation_plan(config: NodeConfig, sysfs_root: Path, mountinfo: Path) -> l
             if drive.kind is DriveKind.PCI and drive.source:
                 plan += plan_bind(drive.source, sysfs_root, mountinfo)
     return plan
+
+
+def add_node(args: argparse.Namespace) -> int:
+    node = Node(args.name, args.address, args.failure_domain, args.port, args.discovery_port)
+    with_store(args, lambda store: store.add_node(node))
+    print(f"node {node.name} added ({node.address}, failure domain {node.domain})")
+    return 0
+
+
+def list_nodes(args: argparse.Namespace) -> int:
+    async def read(store: ClusterStore) -> tuple[Config, Observed]:
+        return await store.require(), await store.observed()
+
+    config, observed = with_store(args, read)
+    rows = [node_row(n, config, observed) for n in sorted(config.nodes.values(), key=lambda n: n.name)]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        print(table(["NODE", "ADDRESS", "DOMAIN", "HEALTH", "SINCE", "DRIVES", "MANAGER"],
+                    [[r["name"], f"{r['address']}:{r['nvme_port']}", r["failure_domain"], r["health"],
+                      r["since"], r["drives"], "*" if r["manager"] else ""] for r in rows]))
+    return 0
+
+
+def node_row(node: Node, config: Config, observed: Observed) -> dict[str, Any]:
+    """One node as ``kahu node list`` and ``kahu status`` show it."""
+    health = observed.health.get(node.name)
+    return {
+        "name": node.name, "address": node.address, "nvme_port": node.nvme_port,
+        "discovery_port": node.discovery_port, "failure_domain": node.domain,
+        "health": str(health.state) if health else "unknown",
+        "since": time.strftime("%H:%M:%S", time.localtime(health.since)) if health else "-",
+        "heartbeat": node.name in observed.heartbeats,
+        "drives": len(config.live_drives(node.name)),
+        "manager": observed.manager == node.name,
+    }
+
+
+def remove_node(args: argparse.Namespace) -> int:
+    removed = with_store(args, lambda store: store.remove_node(args.name, args.force))
+    drives = f"; drives {', '.join(str(d.id) for d in removed)} removed with it" if removed else ""
+    print(f"node {args.name} removed{drives}")
+    return 0
+
+
+def serve_node(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO,
+                        format=f"%(asctime)s {args.name} %(levelname)s %(name)s: %(message)s")
+    home = home_of(args) / "nodes" / args.name
+    backend = NodeBackend(etcd_endpoints(args.etcd, home_of(args)), args.name, home,
+                          soft=True if args.soft else None, ready=notify_fd(args.notify_fd))
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await backend.run(stop)
+
+    try:
+        asyncio.run(main())
+    except NodeRemoved as e:
+        print(f"kahu node serve: {e}; stopping", file=sys.stderr)
+    return 0
+
+
+def run_target(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    config = load_node_config(args.config) if args.config else NodeConfig.default(args.state_dir)
+    try:
+        asyncio.run(_run_target(config, args.state_dir))
+    except RpcError as e:
+        print(f"kahu node target: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+async def _run_target(config: NodeConfig, state_dir: Path) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    async with NodeTarget(config, state_dir) as nt:
+        version = await asyncio.to_thread(nt.rpc.spdk_get_version)
+        subsystems = await asyncio.to_thread(nt.rpc.nvmf_get_subsystems)
+        print(f"drive target: {version['version']} (pid {nt.process.pid}, rpc {config.spdk.rpc_socket})")
+        print(describe(subsystems), flush=True)
+        supervised = asyncio.create_task(nt.wait())
+        stopped = asyncio.create_task(stop.wait())
+        try:
+            await asyncio.wait([supervised, stopped], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (supervised, stopped):
+                task.cancel()
+            await asyncio.gather(supervised, stopped, return_exceptions=True)
+        if not supervised.cancelled():
+            supervised.result()  # supervision gave up: say why
+    print("stopped", flush=True)
+
+
+def describe(subsystems: list[dict[str, Any]]) -> str:
+    """What the target exports, as it reports it: subsystems, listeners, namespaces, allowed hosts."""
+    lines = []
+    for sub in subsystems:
+        lines.append(f"{sub['subtype'].lower()} subsystem {sub['nqn']}")
+        lines += [f"  listening {a['trtype']} {a['traddr']}:{a['trsvcid']}" for a in sub["listen_addresses"]]
+        lines += [f"  namespace {ns['nsid']}: bdev {ns['bdev_name']} uuid {ns.get('uuid', '-')}"
+                  for ns in sub.get("namespaces", [])]
+        if sub["subtype"] != "Discovery":
+            hosts = "any host" if sub["allow_any_host"] else ", ".join(h["nqn"] for h in sub["hosts"])
+            lines.append(f"  allowed hosts: {hosts or 'none'}")
+    return "\n".join(lines)

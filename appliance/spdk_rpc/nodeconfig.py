@@ -37,7 +37,7 @@ BLOCK_SIZES = (512, 4096)
 # Drive UUIDs are UUID5(DRIVE_UUID_NAMESPACE, "<node>/<kind>:<identity>"): stable across re-applies.
 DRIVE_UUID_NAMESPACE = uuidlib.uuid5(uuidlib.NAMESPACE_URL, "https://kahu.io/ns/drive")
 
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 _NQN_RE = re.compile(r"^nqn\.\d{4}-\d{2}\.[A-Za-z0-9.-]+(:\S+)?$")
 _CPUMASK_RE = re.compile(r"^0x[0-9a-fA-F]+$")
 
@@ -144,7 +144,7 @@ class NodeConfig:
             "discovery_port": self.discovery_port,
             "allow_any_host": self.allow_any_host,
             "hostnqns": list(self.hostnqns),
-            "drives": [_drive_dict(d) for d in self.drives],
+            "drives": [drive_dict(d) for d in self.drives],
             "spdk": {k: v for k, v in vars(self.spdk).items() if v is not None},
             "transport": {"rdma": "auto" if self.transport.rdma is None else self.transport.rdma,
                           "options": dict(self.transport.options)},
@@ -167,16 +167,19 @@ def load_node_config(path: Path | str) -> NodeConfig:
     return parse_node_config(data)
 
 
-def parse_node_config(data: Any) -> NodeConfig:
-    """Validate a parsed YAML document; raise ``NodeConfigError`` naming the first bad field."""
+def parse_node_config(data: Any, min_drives: int = 1) -> NodeConfig:
+    """Validate a parsed YAML document; raise ``NodeConfigError`` naming the first bad field.
+
+    ``min_drives`` 0 is for a cluster member built from etcd, which may have no drives (yet).
+    """
     top = _mapping(data, "", {
         "name", "failure_domain", "data_addresses", "discovery_port", "hostnqns", "allow_any_host",
         "nqn", "serial_number", "model_number", "drives", "spdk", "transport",
     })
     if "name" not in top:
         raise NodeConfigError("name: required")
-    name = _name(top["name"], "name")
-    failure_domain = _name(top.get("failure_domain", name), "failure_domain")
+    name = check_name(top["name"], "name")
+    failure_domain = check_name(top.get("failure_domain", name), "failure_domain")
     nqn = _nqn(top.get("nqn", f"{NQN_PREFIX}:{name}"), "nqn")
     serial = _ascii(top.get("serial_number", _default_serial(name)), "serial_number", SERIAL_MAX)
     model = _ascii(top.get("model_number", f"Kahu {name}"[:MODEL_MAX]), "model_number", MODEL_MAX)
@@ -198,8 +201,8 @@ def parse_node_config(data: Any) -> NodeConfig:
         raise NodeConfigError("hostnqns: list the allowed host NQNs, or set allow_any_host: true")
 
     drives = tuple(
-        _drive(item, f"drives[{i}]", name, i)
-        for i, item in enumerate(_list(top.get("drives"), "drives", min_len=1))
+        parse_drive(item, f"drives[{i}]", name, i)
+        for i, item in enumerate(_list(top.get("drives"), "drives", min_len=min_drives))
     )
     _check_unique([d.name for d in drives], "drives", "name")
     _check_unique([f"{d.kind}:{d.source}" for d in drives if d.source], "drives", "source")
@@ -273,7 +276,9 @@ def _check_ports(addresses: tuple[DataAddress, ...], discovery_port: int) -> Non
         seen.add((a.address, a.port))
 
 
-def _drive(item: Any, where: str, node_name: str, index: int) -> DriveSpec:
+def parse_drive(item: Any, where: str, node_name: str, index: int) -> DriveSpec:
+    """One drive entry (``{"file": path, "size": "1GiB"}``, ``{"pci": addr}``...), named ``drive<index>``
+    unless it says otherwise; also how ``kahu drive add`` checks a drive before it enters etcd."""
     d = _mapping(item, where, {*DriveKind, "size", "block_size", "uuid", "name"})
     kinds = [k for k in DriveKind if k in d]
     if len(kinds) != 1:
@@ -300,7 +305,7 @@ def _drive(item: Any, where: str, node_name: str, index: int) -> DriveSpec:
         if size % block_size:
             raise NodeConfigError(f"{where}: size {size} is not a multiple of block_size {block_size}")
 
-    name = _name(d.get("name", f"drive{index}"), f"{where}.name")
+    name = check_name(d.get("name", f"drive{index}"), f"{where}.name")
     if "uuid" in d:
         try:
             uuid = uuidlib.UUID(str(d["uuid"]))
@@ -412,8 +417,9 @@ def _bool(value: Any, where: str) -> bool:
     return value
 
 
-def _name(value: Any, where: str) -> str:
-    if not isinstance(value, str) or not _NAME_RE.match(value):
+def check_name(value: Any, where: str) -> str:
+    """A node, drive or file-system name: 1..63 letters, digits, ".", "_" or "-"."""
+    if not isinstance(value, str) or not NAME_RE.match(value):
         raise NodeConfigError(f"{where}: must be 1..63 letters, digits, '.', '_' or '-', got {value!r}")
     return value
 
@@ -445,7 +451,7 @@ def _check_unique(values: list[str], where: str, what: str) -> None:
 
 def _default_node_name() -> str:
     host = socket.gethostname().split(".")[0]
-    return host if _NAME_RE.match(host) else "kahu"
+    return host if NAME_RE.match(host) else "kahu"
 
 
 def _default_serial(name: str) -> str:
@@ -465,7 +471,7 @@ def _address_dict(a: DataAddress) -> dict[str, Any]:
     return out
 
 
-def _drive_dict(d: DriveSpec) -> dict[str, Any]:
+def drive_dict(d: DriveSpec) -> dict[str, Any]:
     out: dict[str, Any] = {"name": d.name}
     if d.kind is DriveKind.MALLOC:
         out["malloc"] = units.format_size(d.size or 0)

@@ -1,5 +1,5 @@
 """Target lifecycle: the supervisor restarts a dead soft target and re-applies the node's state; a
-target that cannot start fails fast with the reason; ``kahu up`` runs until SIGINT and stops cleanly."""
+target that cannot start fails fast with the reason; ``kahu node target`` runs until SIGINT and stops cleanly."""
 
 from __future__ import annotations
 
@@ -93,7 +93,7 @@ def test_spdk_command_line(tmp_path: Path) -> None:
     assert spdk_command("nvmf_tgt", huge)[-2:] == ["2048", "-u"]  # no PCI drive: PCI untouched
 
 
-def test_kahu_up_runs_until_sigint(tmp_path: Path) -> None:
+def test_kahu_node_target_runs_until_sigint(tmp_path: Path) -> None:
     port = free_port()
     cfg_file = tmp_path / "node.yaml"
     cfg_file.write_text(
@@ -104,7 +104,7 @@ def test_kahu_up_runs_until_sigint(tmp_path: Path) -> None:
 
     async def main() -> None:
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "appliance.cli.main", "up", "--config", str(cfg_file),
+            sys.executable, "-m", "appliance.cli.main", "node", "target", "--config", str(cfg_file),
             "--state-dir", str(tmp_path / "state"), cwd=REPO, stdout=asyncio.subprocess.PIPE,
             env={**os.environ, "PATH": os.defpath},  # no SPDK: the soft target
         )
@@ -113,7 +113,7 @@ def test_kahu_up_runs_until_sigint(tmp_path: Path) -> None:
             lines = []
             while not any(line.startswith("  allowed hosts") for line in lines):
                 line = await asyncio.wait_for(proc.stdout.readline(), TIMEOUT)
-                assert line, f"kahu up exited early: {lines}"
+                assert line, f"kahu node target exited early: {lines}"
                 lines.append(line.decode().rstrip("\n"))
             text = "\n".join(lines)
             assert "nvme subsystem nqn.2026-11.io.kahu:up1" in text
