@@ -1,5 +1,6 @@
 """Target lifecycle: the supervisor restarts a dead soft target and re-applies the node's state; a
-target that cannot start fails fast with the reason; ``kahu node target`` runs until SIGINT and stops cleanly."""
+target that cannot start fails fast with the reason; ``kahu node target`` runs until SIGINT and stops
+cleanly."""
 
 from __future__ import annotations
 
