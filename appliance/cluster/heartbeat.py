@@ -10,6 +10,7 @@ manager role, metadata buckets) hangs off the same lease, so it all lapses toget
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import time
@@ -50,7 +51,10 @@ class HeartbeatLease:
                 await self._renew()
             except EtcdError as e:  # unreachable or refused: the lease may lapse; try again
                 log.warning("heartbeat of %s: %s", self.node, e)
+            old = self.lease
             await self._set(0)
+            with contextlib.suppress(EtcdError, TimeoutError):  # let go of what hangs off it, if alive
+                await asyncio.wait_for(self.etcd.lease_revoke(old), self.ttl / 3)
             await asyncio.sleep(self.ttl / 6)  # a pause before trying again, not synchronisation
 
     async def revoke(self) -> None:
@@ -73,6 +77,9 @@ class HeartbeatLease:
             await asyncio.sleep(self.ttl / 3)  # the renewal period itself
             if await self.etcd.lease_keepalive(self.lease) == 0:
                 log.warning("heartbeat lease of %s expired; registering again", self.node)
+                return
+            if await self.etcd.get(HEARTBEATS + self.node) is None:
+                log.warning("heartbeat key of %s was deleted; registering again", self.node)
                 return
 
     async def _set(self, lease: int) -> None:

@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-from ..procs import die_with_parent, stop_process
+from ..procs import stop_process, tied_to_parent
 from ..units import format_size
 from .etcd import Etcd
 from .etcd_server import EtcdCluster, EtcdMemberSpec
@@ -227,7 +227,7 @@ class LocalCluster:
         with open(log_path, "ab") as out:
             self.backends[name] = subprocess.Popen(
                 argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out, pass_fds=(write_fd,), env=env,
-                start_new_session=True, preexec_fn=die_with_parent)
+                start_new_session=True, preexec_fn=tied_to_parent())
         os.close(write_fd)
         return read_fd
 

@@ -25,7 +25,8 @@ from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from ..spdk_rpc.nodeconfig import DriveSpec, check_name, parse_drive
+from ..spdk_rpc.nodeconfig import DriveSpec, NodeConfigError, parse_drive
+from ..spdk_rpc.nodeconfig import check_name as _node_config_name
 
 SCHEMA_VERSION = 1
 
@@ -55,6 +56,14 @@ MAX_BUCKETS = 1 << 16
 
 class ClusterError(ValueError):
     """A cluster command or configuration is invalid or conflicts with the cluster; nothing changed."""
+
+
+def check_name(value: Any, where: str) -> str:
+    """A node, failure-domain, file-system or cluster name (the node-config rule), as a ClusterError."""
+    try:
+        return _node_config_name(value, where)
+    except NodeConfigError as e:
+        raise ClusterError(str(e)) from None
 
 
 def check_cluster_name(value: Any) -> str:

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from ..spdk_rpc.nodeconfig import NodeConfigError
 from ..units import human_size
 from .etcd import Etcd, KeyValue, delete_op, mod_revision_is, put_op, value_is, version_is
 from .schema import (
@@ -149,7 +150,8 @@ class ClusterStore:
     async def create_cluster(self, name: str, policy: ProtectionPolicy, nodes: list[Node],
                              node_timeout: int | None = None) -> ClusterInfo:
         now = time.time()
-        info = ClusterInfo.new(name, policy, node_timeout or DEFAULT_NODE_TIMEOUT, now)
+        info = ClusterInfo.new(name, policy, DEFAULT_NODE_TIMEOUT if node_timeout is None else node_timeout,
+                               now)
         nodes = [replace(n, added=now) for n in nodes]
 
         def plan(config: Config) -> Ops:
@@ -217,7 +219,10 @@ class ClusterStore:
                 raise ClusterError(f"no node {node!r} (nodes: {', '.join(sorted(config.nodes)) or 'none'})")
             now = time.time()
             drive = Drive(config.next_id("drive"), node, dict(spec), DriveState.ACTIVE, now, now)
-            parsed = drive.parsed()  # the node-config checks: kind, source, size, block size
+            try:
+                parsed = drive.parsed()  # the node-config checks: kind, source, size, block size
+            except NodeConfigError as e:
+                raise ClusterError(f"node {node}: {e}") from None
             for other in config.live_drives(node):
                 if other.parsed().source and other.parsed().source == parsed.source:
                     raise ClusterError(f"node {node} already has {parsed.source} as drive {other.id}")

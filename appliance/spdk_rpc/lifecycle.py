@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..procs import die_with_parent, stop_async_process
+from ..procs import stop_async_process, tied_to_parent
 from .nodeconfig import DriveKind, NodeConfig
 from .pci import hugepages_reserved
 from .reconciler import DesiredState, Plan, desired_state, reconcile
@@ -104,7 +104,7 @@ class TargetProcess:
             self.proc = await asyncio.create_subprocess_exec(
                 *self.argv, stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out,
                 env=env, start_new_session=True,  # a terminal's Ctrl-C is for the supervisor, not the target
-                preexec_fn=die_with_parent,  # a supervisor that crashes takes its target with it
+                preexec_fn=tied_to_parent(),  # a supervisor that crashes takes its target with it
             )
         log.info("started %s (pid %d)", self.argv[0], self.proc.pid)
         try:
