@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from appliance.procs import stop_process
+from appliance.procs import stop_process, tied_to_parent
 
 ETCD_BINARY = "etcd"
 POLL_INTERVAL = 0.05  # polling a foreign process's /health: there is nothing to await on
@@ -318,6 +318,7 @@ class EtcdCluster:
             self._procs[spec.name] = subprocess.Popen(
                 self.command(spec), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                 env=env, start_new_session=True,  # a terminal's Ctrl-C is for the owner, not etcd
+                preexec_fn=tied_to_parent(),  # an owner that crashes takes its members with it
             )  # fmt: skip
 
     def _wait_healthy(self, names: list[str], deadline: float) -> None:

@@ -279,6 +279,7 @@ class LocalCluster:
         """What `kahu up` writes to ``running.json``: where the CLI finds etcd, who supervises."""
         return {"supervisor_pid": supervisor_pid, "etcd": self.endpoints,
                 "nodes": {n: p.pid for n, p in self.backends.items()},
+                "etcd_pids": {m.name: self.etcd.pid(m.name) for m in self.etcd.members} if self.etcd else {},
                 "namespaces": self.topology.namespaces if self.topology else []}
 
 
