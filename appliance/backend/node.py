@@ -33,6 +33,7 @@ from ..tasks import first_completed
 log = logging.getLogger(__name__)
 
 RPC_SOCKET_NAME = "spdk.sock"
+RETRY_PAUSE = 0.5
 
 
 class NodeRemoved(Exception):
@@ -102,17 +103,25 @@ class NodeBackend:
         await first_completed(*tasks)
 
     async def _follow_config(self, store: ClusterStore, target: NodeTarget, applied: asyncio.Event) -> None:
-        """Export what etcd says this node should export, now and after every change."""
+        """Export what etcd says this node should export, now and after every change.
+
+        Losing etcd (a cut link, an election) only pauses this: the target keeps serving what it
+        has, and the loop reads everything again once etcd answers.
+        """
         etcd = store.etcd
         while True:
-            _, revision = await etcd.get_prefix_at(CONFIG)
-            config = await store.config()
-            node = config.nodes.get(self.name)
-            if node is None:
-                raise NodeRemoved(f"node {self.name} was removed from the cluster")
-            await self._apply(store, config, node, target)
-            applied.set()
-            await etcd.next_change(CONFIG, revision + 1)  # then read it all again (level-triggered)
+            try:
+                _, revision = await etcd.get_prefix_at(CONFIG)
+                config = await store.config()
+                node = config.nodes.get(self.name)
+                if node is None:
+                    raise NodeRemoved(f"node {self.name} was removed from the cluster")
+                await self._apply(store, config, node, target)
+                applied.set()
+                await etcd.next_change(CONFIG, revision + 1)  # then read it all again (level-triggered)
+            except EtcdError as e:
+                log.warning("following the configuration of %s: %s; retrying", self.name, e)
+                await asyncio.sleep(RETRY_PAUSE)  # a pause between attempts, not synchronisation
 
     async def _apply(self, store: ClusterStore, config: Config, node: Node, target: NodeTarget) -> None:
         wanted = node_config(node, config, self.home)

@@ -148,8 +148,14 @@ def test_a_cut_node_is_marked_down_within_the_timeout_and_up_when_back(healthy: 
             took = time.monotonic() - cut_at
             assert took <= NODE_TIMEOUT + SLACK, f"marked down after {took:.1f}s"
             assert healthy.backends[victim].poll() is None  # nothing was killed: only the cable
+            # Keep it cut until its own etcd calls have given up (the client's deadline): the backend
+            # must ride that out and rejoin by itself, with the same process.
+            await wait_for_log(healthy.home / "logs" / f"{victim}.log", "no member answered", 20)
             await asyncio.to_thread(healthy.restore_link, victim)
             await until(etcd, lambda s: _is(s, victim, "up"), 20, f"{victim} up again")
+            assert healthy.backends[victim].poll() is None
+            heartbeat = (await ClusterStore(etcd).observed()).heartbeats[victim]
+            assert heartbeat.pid == healthy.backends[victim].pid
             assert (await health_events(etcd, victim))[-2:] == ["node.down", "node.up"]
 
     run(scenario(), 60)
@@ -256,3 +262,11 @@ async def namespaces(address: str, port: int, nqn: str) -> dict[int, uuid.UUID |
         return {nsid: info.uuid for nsid, info in ctrl.namespaces.items()}
     finally:
         await ctrl.close()
+
+
+async def wait_for_log(path: Path, text: str, timeout: float) -> None:
+    """Until a node's log says ``text`` (bounded polling of a file another process writes)."""
+    start = path.stat().st_size
+    async with asyncio.timeout(timeout):
+        while text not in path.read_text(errors="replace")[start:]:
+            await asyncio.sleep(0.1)
