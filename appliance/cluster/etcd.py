@@ -240,7 +240,7 @@ class Etcd:
         if not limit and not newest_first:
             kvs, _ = await self.get_prefix_at(prefix)
             return kvs
-        body: dict[str, Any] = {"key": _b64(prefix), "range_end": prefix_end(prefix), "limit": str(limit)}
+        body: dict[str, Any] = {**_prefix_range(prefix), "limit": str(limit)}
         if newest_first:
             body |= {"sort_order": "DESCEND", "sort_target": "KEY"}
         answer = await self.call("/v3/kv/range", body)

@@ -170,6 +170,7 @@ class EtcdCluster:
             "--auto-compaction-retention", str(COMPACTION_RETENTION),
             "--quota-backend-bytes", str(QUOTA_BACKEND_BYTES),
             "--snapshot-count", str(SNAPSHOT_COUNT),
+            "--pre-vote",
             "--log-level", "warn",
             "--logger", "zap",
         ]  # fmt: skip
