@@ -6,11 +6,12 @@ import argparse
 import json
 from typing import Any
 
-from ..cluster.schema import ClusterError, Config, Drive, DriveState
+from ..cluster.schema import ClusterError, Config, DriveState
 from ..cluster.store import ClusterStore, Observed
 from ..spdk_rpc.pci import PCI_ADDRESS_RE
 from ..units import human_size
 from .context import add_cluster_arguments, table, with_store
+from .views import drive_row
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -63,15 +64,6 @@ def add_drive(args: argparse.Namespace) -> int:
     drive = with_store(args, lambda store: store.add_drive(args.node, spec))
     print(f"drive {drive.id} added to node {drive.node}")
     return 0
-
-
-def drive_row(drive: Drive, observed: Observed) -> dict[str, Any]:
-    parsed = drive.parsed()
-    report = observed.drive_reports.get(drive.id)
-    size = parsed.size or (report.size if report else 0)
-    return {"id": drive.id, "node": drive.node, "kind": str(parsed.kind), "source": parsed.source or "-",
-            "size": size, "state": str(drive.state), "uuid": str(parsed.uuid),
-            "exported": bool(report and report.exported), "error": report.error if report else ""}
 
 
 def list_drives(args: argparse.Namespace) -> int:

@@ -10,18 +10,22 @@ from ..cluster.etcd import EtcdError
 
 # Modules under appliance.cli that each define ``register(subparsers)``.
 GROUPS = ("up", "status", "cluster", "node", "drive", "fs", "target", "nvme")
+COMMAND_GROUP = {"down": "up"}  # commands registered by a module of another name
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; with a known ``command`` only its module is imported, so `kahu status` starts fast."""
     parser = argparse.ArgumentParser(prog="kahu", description="Kahu distributed file system appliance")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name in GROUPS:
+    group = COMMAND_GROUP.get(command or "", command)
+    for name in (group,) if group in GROUPS else GROUPS:
         importlib.import_module(f"appliance.cli.{name}").register(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(argv[0] if argv else None).parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:

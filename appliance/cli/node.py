@@ -10,7 +10,6 @@ import json
 import logging
 import signal
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +26,7 @@ from ..spdk_rpc.nodeconfig import DriveKind, NodeConfig, NodeConfigError, load_n
 from ..spdk_rpc.pci import MOUNTINFO, PciError, Step, apply, hugepages_reserved, plan_bind, plan_hugepages
 from ..spdk_rpc.rpc import RpcError
 from .context import add_cluster_arguments, home_of, table, with_store
+from .views import node_row
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -152,20 +152,6 @@ def list_nodes(args: argparse.Namespace) -> int:
                     [[r["name"], f"{r['address']}:{r['nvme_port']}", r["failure_domain"], r["health"],
                       r["since"], r["drives"], "*" if r["manager"] else ""] for r in rows]))
     return 0
-
-
-def node_row(node: Node, config: Config, observed: Observed) -> dict[str, Any]:
-    """One node as ``kahu node list`` and ``kahu status`` show it."""
-    health = observed.health.get(node.name)
-    return {
-        "name": node.name, "address": node.address, "nvme_port": node.nvme_port,
-        "discovery_port": node.discovery_port, "failure_domain": node.domain,
-        "health": str(health.state) if health else "unknown",
-        "since": time.strftime("%H:%M:%S", time.localtime(health.since)) if health else "-",
-        "heartbeat": node.name in observed.heartbeats,
-        "drives": len(config.live_drives(node.name)),
-        "manager": observed.manager == node.name,
-    }
 
 
 def remove_node(args: argparse.Namespace) -> int:

@@ -12,8 +12,7 @@ from ..cluster.etcd import EtcdError
 from ..cluster.store import ClusterStore
 from ..units import human_size
 from .context import add_cluster_arguments, table, with_store
-from .drive import drive_row
-from .node import node_row
+from .views import drive_row, node_row
 
 MEMBER_TIMEOUT = 0.5  # a member that does not answer this fast is shown as unreachable
 

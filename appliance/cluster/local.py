@@ -151,20 +151,28 @@ class LocalCluster:
         began = time.monotonic()
         self.home.mkdir(parents=True, exist_ok=True)
         try:
-            if self.spec.netns:
-                from ..spdk_rpc.netconf import Topology
-
-                self.topology = Topology(self.spec.nodes, self.spec.subnet, host_link=True).__enter__()
-            self.etcd = EtcdCluster(self._etcd_members(), self.home / "logs",
-                                    heartbeat_ms=self.spec.etcd_heartbeat_ms,
-                                    election_ms=self.spec.etcd_election_ms)
-            self.etcd.start(timeout)
+            self.start_network()
+            self.start_etcd(timeout)
             asyncio.run(self._ensure_cluster())
             self.start_nodes(self.names, timeout - (time.monotonic() - began))
         except BaseException:
             self.stop()
             raise
         return time.monotonic() - began
+
+    def start_network(self) -> None:
+        """The namespaces, bridge and host link of the namespace layout (nothing on loopback)."""
+        if self.spec.netns and self.topology is None:
+            from ..spdk_rpc.netconf import Topology  # pyroute2: only needed as root
+
+            self.topology = Topology(self.spec.nodes, self.spec.subnet, host_link=True).__enter__()
+
+    def start_etcd(self, timeout: float = START_TIMEOUT) -> None:
+        """etcd's members, on the first nodes; returns once there is a leader."""
+        spec = self.spec
+        self.etcd = EtcdCluster(self._etcd_members(), self.home / "logs",
+                                heartbeat_ms=spec.etcd_heartbeat_ms, election_ms=spec.etcd_election_ms)
+        self.etcd.start(timeout)
 
     async def _ensure_cluster(self) -> None:
         """Create the cluster and its nodes and drives, once; a restart finds them in etcd."""

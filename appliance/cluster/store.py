@@ -18,7 +18,7 @@ from typing import Any
 
 from ..spdk_rpc.nodeconfig import NodeConfigError
 from ..units import human_size
-from .etcd import Etcd, KeyValue, delete_op, mod_revision_is, put_op, value_is, version_is
+from .etcd import Etcd, KeyValue, delete_op, mod_revision_is, put_op, range_op, value_is, version_is
 from .schema import (
     BUCKET_EPOCHS,
     BUCKETS,
@@ -135,15 +135,21 @@ class ClusterStore:
 
         The writes commit only if the config is still the one ``plan`` saw; otherwise it runs again
         on the new one. ``plan`` raises ClusterError to refuse. Returns the config that was checked.
+
+        Each attempt stamps the generation with a token of its own: when etcd committed an attempt
+        but its answer was lost (the client then retries it and the retry's compare fails), the
+        stamp shows the change is ours and landed, instead of re-planning against our own write.
         """
         for _ in range(CHANGE_ATTEMPTS):
             config = await self.config()
             ops = plan(config)
+            stamp = f"{config.generation + 1} {secrets.token_hex(8)}"
             result = await self.etcd.txn(
                 [mod_revision_is(GEN_KEY, config.gen_revision)],
-                [*ops, put_op(GEN_KEY, str(config.generation + 1))],
+                [*ops, put_op(GEN_KEY, stamp)],
+                [range_op(GEN_KEY)],
             )
-            if result.succeeded:
+            if result.succeeded or any(kv.value.decode() == stamp for kvs in result.ranges() for kv in kvs):
                 return config
         raise ClusterError("the cluster configuration kept changing under this command; try again")
 
@@ -352,7 +358,7 @@ _COLLECTIONS: dict[str, tuple[str, Any]] = {NODES: ("nodes", Node), DRIVES: ("dr
 
 def _load(config: Config, kv: KeyValue) -> None:
     if kv.key == GEN_KEY:
-        config.gen_revision, config.generation = kv.mod_revision, int(kv.value)
+        config.gen_revision, config.generation = kv.mod_revision, int(kv.value.split()[0])
     elif kv.key == CLUSTER_KEY:
         config.cluster = parse_record(kv.key, kv.value, ClusterInfo)
     elif kv.key.startswith(COUNTERS):
