@@ -99,7 +99,7 @@ class ClusterStore:
 
     async def check_schema(self) -> int:
         kv = await self.etcd.get(SCHEMA_KEY)
-        version = int(kv.json()["version"]) if kv else 0
+        version = parse_record(kv.key, kv.value, _SchemaRecord).version if kv else 0
         if version > SCHEMA_VERSION:
             raise ClusterError(f"the cluster's state has schema version {version}; this Kahu understands "
                                f"up to {SCHEMA_VERSION}: upgrade Kahu")
@@ -229,6 +229,8 @@ class ClusterStore:
                 parsed = drive.parsed()  # the node-config checks: kind, source, size, block size
             except NodeConfigError as e:
                 raise ClusterError(f"node {node}: {e}") from None
+            if parsed.source and parsed.kind == "file" and not parsed.source.startswith("/"):
+                raise ClusterError(f"node {node}: a file drive needs an absolute path, got {parsed.source!r}")
             for other in config.live_drives(node):
                 if other.parsed().source and other.parsed().source == parsed.source:
                     raise ClusterError(f"node {node} already has {parsed.source} as drive {other.id}")
@@ -253,7 +255,7 @@ class ClusterStore:
                 raise ClusterError(f"no drive {drive_id}")
             if state not in DRIVE_TRANSITIONS[drive.state]:
                 raise ClusterError(f"drive {drive_id} is {drive.state}; it cannot become {state}")
-            if drive.state is DriveState.ACTIVE:
+            if drive.state is DriveState.ACTIVE and state is not DriveState.FAILED:  # a failure is a fact
                 _check_capacity(config, observed.drive_reports, f"taking drive {drive_id} out of service",
                                 exclude={drive_id})
             new = replace(drive, state=state, changed=time.time())
@@ -358,16 +360,34 @@ _COLLECTIONS: dict[str, tuple[str, Any]] = {NODES: ("nodes", Node), DRIVES: ("dr
 
 def _load(config: Config, kv: KeyValue) -> None:
     if kv.key == GEN_KEY:
-        config.gen_revision, config.generation = kv.mod_revision, int(kv.value.split()[0])
+        config.gen_revision, config.generation = kv.mod_revision, _number(kv, kv.value.split()[:1])
     elif kv.key == CLUSTER_KEY:
         config.cluster = parse_record(kv.key, kv.value, ClusterInfo)
     elif kv.key.startswith(COUNTERS):
-        config.counters[kv.key[len(COUNTERS):]] = int(kv.value)
+        config.counters[kv.key[len(COUNTERS):]] = _number(kv, [kv.value])
     else:
         for prefix, (attr, cls) in _COLLECTIONS.items():
             if kv.key.startswith(prefix):
                 record = parse_record(kv.key, kv.value, cls)
                 getattr(config, attr)[record.id if cls is Drive else record.name] = record
+
+
+@dataclass(frozen=True)
+class _SchemaRecord:
+    version: int
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> _SchemaRecord:
+        if not isinstance(d.get("version"), int):
+            raise ValueError("version is not a number")
+        return cls(d["version"])
+
+
+def _number(kv: KeyValue, parts: list[bytes]) -> int:
+    try:
+        return int(parts[0])
+    except (IndexError, ValueError):
+        raise ClusterError(f"etcd key {kv.key}: damaged record (not a number: {kv.value[:40]!r})") from None
 
 
 def _require_cluster(config: Config) -> ClusterInfo:
