@@ -246,6 +246,17 @@ class Etcd:
         answer = await self.call("/v3/kv/range", body)
         return [KeyValue.from_json(kv) for kv in answer.get("kvs") or []]
 
+    async def count(self, prefix: str) -> int:
+        """How many keys are under ``prefix`` (counted by etcd; no values travel)."""
+        answer = await self.call("/v3/kv/range", {**_prefix_range(prefix), "count_only": True})
+        return int(answer.get("count", 0))
+
+    async def delete_until(self, prefix: str, last: str) -> int:
+        """Delete the keys under ``prefix`` up to and including ``last``; returns how many."""
+        body = {"key": _b64(prefix or "\0"), "range_end": _b64(last.encode() + b"\0")}
+        answer = await self.call("/v3/kv/deleterange", body)
+        return int(answer.get("deleted", 0))
+
     async def get_prefix_at(self, prefix: str) -> tuple[list[KeyValue], int]:
         """Every key under ``prefix`` and the revision they were read at (to watch from revision+1)."""
         answer = await self.call("/v3/kv/range", _prefix_range(prefix))

@@ -7,6 +7,7 @@ duties are level-triggered reconciliations, re-run whenever what they depend on 
 - node health: a node is up exactly while its heartbeat key exists. The manager records each change
   (``/kahu/state/health/<node>``) with an event, fenced on still being manager, so a deposed manager
   that comes back cannot overwrite its successor's view.
+- the event log: the oldest events beyond MAX_EVENTS are dropped.
 - drains: a draining drive becomes removed once nothing on it needs moving. No data is placed on
   drives yet (the file system layer comes later), so a drain completes on the next pass.
 """
@@ -26,6 +27,7 @@ from .schema import DRIVES, HEARTBEATS, MANAGER_KEY, DriveState, Health
 from .store import ClusterStore, event_op
 
 log = logging.getLogger(__name__)
+MAX_EVENTS = 10_000  # the event log keeps the newest this many
 
 
 class Manager:
@@ -121,6 +123,7 @@ class Manager:
                 if not await self.store.mark_health(name, want, fence, why):
                     raise EtcdError("no longer the manager (fence failed)")
                 log.info("node %s marked %s", name, want)
+        await self.store.trim_events(MAX_EVENTS)
         for drive in config.drives.values():
             if drive.state is DriveState.DRAINING:
                 with contextlib.suppress(ValueError):  # refused: it changed meanwhile; next pass sees it

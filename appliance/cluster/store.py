@@ -128,6 +128,14 @@ class ClusterStore:
         kvs = await self.etcd.get_prefix(EVENTS, limit=limit, newest_first=True)
         return [parse_record(kv.key, kv.value, Event) for kv in reversed(kvs)]
 
+    async def trim_events(self, keep: int) -> int:
+        """Drop the oldest events beyond the newest ``keep``; returns how many went."""
+        excess = await self.etcd.count(EVENTS) - keep
+        if excess <= 0:
+            return 0
+        oldest = await self.etcd.get_prefix(EVENTS, limit=excess)
+        return await self.etcd.delete_until(EVENTS, oldest[-1].key)
+
     # --- changing ----------------------------------------------------------------------------------
 
     async def change(self, plan: Callable[[Config], Ops]) -> Config:

@@ -868,3 +868,17 @@ def test_file_drive_needs_an_absolute_path_in_the_store_too(endpoints: list[str]
                       r"node node1: a file drive needs an absolute path, got 'd.img'")
 
     scenario(endpoints, body)
+
+
+def test_trim_events_keeps_the_newest(endpoints: list[str]) -> None:
+    async def body(store: ClusterStore) -> None:
+        await create(store)  # one event
+        for i in range(9):
+            await store.add_node(Node(f"extra{i}", "10.9.9.9", "", 5000 + 2 * i, 5001 + 2 * i))
+        newest = await store.events(4)
+        assert await store.trim_events(4) == 6
+        assert await store.etcd.count(EVENTS) == 4
+        assert await store.events(10) == newest
+        assert await store.trim_events(4) == 0
+
+    scenario(endpoints, body)
