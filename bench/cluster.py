@@ -99,24 +99,18 @@ async def detection(cluster: LocalCluster, node_timeout: int) -> dict[str, Any]:
                 return await health_of(s, name) == want
             await until(etcd, check, 30, f"{name} {want}")
 
+        async def transition(key: str, action: Any, want: str) -> None:
+            began = time.monotonic()
+            await asyncio.to_thread(action, victim)
+            await state(victim, want)
+            out[key] = round(time.monotonic() - began, 2)
+
         victim = cluster.names[-1]
-        began = time.monotonic()
-        await asyncio.to_thread(cluster.kill_node, victim)
-        await state(victim, "down")
-        out["crash_to_down_s"] = round(time.monotonic() - began, 2)
-        began = time.monotonic()
-        await asyncio.to_thread(cluster.start_node, victim)
-        await state(victim, "up")
-        out["restart_to_up_s"] = round(time.monotonic() - began, 2)
+        await transition("crash_to_down_s", cluster.kill_node, "down")
+        await transition("restart_to_up_s", cluster.start_node, "up")
         if cluster.topology is not None:
-            began = time.monotonic()
-            await asyncio.to_thread(cluster.cut_link, victim)
-            await state(victim, "down")
-            out["cut_to_down_s"] = round(time.monotonic() - began, 2)
-            began = time.monotonic()
-            await asyncio.to_thread(cluster.restore_link, victim)
-            await state(victim, "up")
-            out["restore_to_up_s"] = round(time.monotonic() - began, 2)
+            await transition("cut_to_down_s", cluster.cut_link, "down")
+            await transition("restore_to_up_s", cluster.restore_link, "up")
     return out
 
 

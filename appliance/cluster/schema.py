@@ -95,6 +95,14 @@ def dumps(record: Any) -> str:
                       sort_keys=True, separators=(",", ":"))
 
 
+class Record:
+    """A stored record: JSON of its dataclass fields; ``from_json`` is the inverse of ``dumps``."""
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> Any:
+        return cls(**d)
+
+
 @dataclass(frozen=True)
 class ProtectionPolicy:
     """Stripes of ``data`` + ``parity`` chunks on distinct failure domains, plus ``hot_spares`` failure
@@ -157,7 +165,7 @@ class ClusterInfo:
 
 
 @dataclass(frozen=True)
-class Node:
+class Node(Record):
     """A cluster member: where its drive target listens and which failure domain it belongs to."""
 
     name: str
@@ -184,10 +192,6 @@ class Node:
     @property
     def endpoints(self) -> set[tuple[str, int]]:
         return {(self.address, self.nvme_port), (self.address, self.discovery_port)}
-
-    @classmethod
-    def from_json(cls, d: dict[str, Any]) -> Node:
-        return cls(**d)
 
 
 class DriveState(StrEnum):
@@ -237,7 +241,7 @@ class Drive:
 
 
 @dataclass(frozen=True)
-class DriveReport:
+class DriveReport(Record):
     """What a node's drive target actually does with a drive, written by that node's backend."""
 
     exported: bool
@@ -245,13 +249,9 @@ class DriveReport:
     error: str = ""
     time: float = 0.0
 
-    @classmethod
-    def from_json(cls, d: dict[str, Any]) -> DriveReport:
-        return cls(**d)
-
 
 @dataclass(frozen=True)
-class FileSystem:
+class FileSystem(Record):
     name: str
     id: int
     capacity: int
@@ -261,10 +261,6 @@ class FileSystem:
         check_name(self.name, "file system name")
         if isinstance(self.capacity, bool) or not isinstance(self.capacity, int) or self.capacity <= 0:
             raise ClusterError(f"file system {self.name}: capacity must be a positive size")
-
-    @classmethod
-    def from_json(cls, d: dict[str, Any]) -> FileSystem:
-        return cls(**d)
 
 
 class Health(StrEnum):
@@ -284,7 +280,7 @@ class NodeHealth:
 
 
 @dataclass(frozen=True)
-class Heartbeat:
+class Heartbeat(Record):
     """The value of a node's leased heartbeat key: which process holds it, since when."""
 
     node: str
@@ -292,23 +288,15 @@ class Heartbeat:
     started: float
     lease: int = 0
 
-    @classmethod
-    def from_json(cls, d: dict[str, Any]) -> Heartbeat:
-        return cls(**d)
-
 
 @dataclass(frozen=True)
-class BucketOwner:
+class BucketOwner(Record):
     """A metadata bucket's owner: journal records carry ``epoch`` so a deposed owner's writes lose."""
 
     bucket: int
     owner: str
     epoch: int
     lease: int
-
-    @classmethod
-    def from_json(cls, d: dict[str, Any]) -> BucketOwner:
-        return cls(**d)
 
 
 class Severity(StrEnum):
