@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 from collections.abc import Awaitable
 from typing import Any
 
@@ -23,3 +24,12 @@ async def first_completed(*aws: Awaitable[Any]) -> None:
     for t in done:
         if not t.cancelled() and (error := t.exception()) is not None:
             raise error
+
+
+def stop_on_signals() -> asyncio.Event:
+    """An event that SIGINT or SIGTERM sets: the graceful-stop request of a service's main task."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    return stop

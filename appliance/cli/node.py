@@ -8,7 +8,6 @@ import asyncio
 import dataclasses
 import json
 import logging
-import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from ..spdk_rpc.lifecycle import DEFAULT_STATE_DIR, NodeTarget
 from ..spdk_rpc.nodeconfig import DriveKind, NodeConfig, NodeConfigError, load_node_config
 from ..spdk_rpc.pci import MOUNTINFO, PciError, Step, apply, hugepages_reserved, plan_bind, plan_hugepages
 from ..spdk_rpc.rpc import RpcError
+from ..tasks import first_completed, stop_on_signals
 from .context import add_cluster_arguments, home_of, table, with_store
 from .views import node_row
 
@@ -169,11 +169,7 @@ def serve_node(args: argparse.Namespace) -> int:
                           soft=True if args.soft else None, ready=notify_fd(args.notify_fd))
 
     async def main() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        await backend.run(stop)
+        await backend.run(stop_on_signals())
 
     try:
         asyncio.run(main())
@@ -194,25 +190,13 @@ def run_target(args: argparse.Namespace) -> int:
 
 
 async def _run_target(config: NodeConfig, state_dir: Path) -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+    stop = stop_on_signals()
     async with NodeTarget(config, state_dir) as nt:
         version = await asyncio.to_thread(nt.rpc.spdk_get_version)
         subsystems = await asyncio.to_thread(nt.rpc.nvmf_get_subsystems)
         print(f"drive target: {version['version']} (pid {nt.process.pid}, rpc {config.spdk.rpc_socket})")
         print(describe(subsystems), flush=True)
-        supervised = asyncio.create_task(nt.wait())
-        stopped = asyncio.create_task(stop.wait())
-        try:
-            await asyncio.wait([supervised, stopped], return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for task in (supervised, stopped):
-                task.cancel()
-            await asyncio.gather(supervised, stopped, return_exceptions=True)
-        if not supervised.cancelled():
-            supervised.result()  # supervision gave up: say why
+        await first_completed(nt.wait(), stop.wait())  # nt.wait raises when supervision gave up
     print("stopped", flush=True)
 
 

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
-import signal
 
 try:  # about twice the IOPS of the default loop; serving works without it
     from uvloop import run as run_loop
@@ -14,6 +12,7 @@ except ImportError:
 
 from ..nvmeof.target.config import TargetConfig, apply_target_config, load_target_config
 from ..nvmeof.target.server import TargetServer
+from ..tasks import stop_on_signals
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -34,10 +33,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
 async def serve(cfg: TargetConfig) -> int:
     """Apply ``cfg``, announce every listener on stdout, then wait for a stop signal."""
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    stop = stop_on_signals()
     async with TargetServer() as server:
         await apply_target_config(server, cfg)
         rpc = None

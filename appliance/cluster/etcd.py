@@ -23,6 +23,7 @@ import aiohttp
 
 DEFAULT_TIMEOUT = 5.0  # a whole call, across fail-overs
 ATTEMPT_TIMEOUT = 1.0  # one member; a member without a leader holds a request this long at most
+WATCH_SILENCE = 3.0  # a watch stream quiet this long is dead: Kahu's members notify progress every second
 # gRPC status codes (in the gateway's error body) that mean "ask another member".
 _RETRY_CODES = {4, 14}  # DEADLINE_EXCEEDED, UNAVAILABLE
 _RETRY_MESSAGES = ("leader changed", "no leader", "request timed out", "not capable", "too many requests")
@@ -157,12 +158,13 @@ class Etcd:
     """A connection pool to an etcd cluster; use as ``async with Etcd([url, ...]) as etcd:``."""
 
     def __init__(self, endpoints: Sequence[str], timeout: float = DEFAULT_TIMEOUT,
-                 attempt_timeout: float = ATTEMPT_TIMEOUT):
+                 attempt_timeout: float = ATTEMPT_TIMEOUT, watch_silence: float = WATCH_SILENCE):
         if not endpoints:
             raise ValueError("etcd endpoints: at least one URL is needed")
         self.endpoints = [e.rstrip("/") for e in endpoints]
         self.timeout = timeout
         self.attempt_timeout = attempt_timeout
+        self.watch_silence = watch_silence
         self._preferred = 0  # the member that answered last
         self._session: aiohttp.ClientSession | None = None
 
@@ -348,7 +350,7 @@ class Etcd:
         """One watch stream on one member: its events, and None for a message without any.
 
         The member must confirm the watch within the attempt timeout (a frozen or unreachable one
-        would otherwise hold it forever); after that, silence is normal.
+        would otherwise hold it forever), and then say something at least every ``watch_silence``.
         """
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.attempt_timeout, sock_read=None)
         try:
@@ -363,7 +365,15 @@ class Etcd:
                     created = await anext(messages)
                 for event in _watch_events(created) or [None]:
                     yield event
-                async for message in messages:
+                while True:
+                    # Members send progress notifications (see etcd_server.PROGRESS_NOTIFY), so a
+                    # silent stream means a member we cannot reach any more: a cut link drops
+                    # its "no leader" cancellation too, and the stream would hang forever.
+                    try:
+                        async with asyncio.timeout(self.watch_silence):
+                            message = await anext(messages)
+                    except StopAsyncIteration:
+                        return
                     for event in _watch_events(message) or [None]:
                         yield event
         except (aiohttp.ClientError, OSError, TimeoutError, json.JSONDecodeError) as e:

@@ -28,6 +28,7 @@ LOG_TAIL_BYTES = 3000
 QUOTA_BACKEND_BYTES = 2 * 1024**3
 SNAPSHOT_COUNT = 10000
 COMPACTION_RETENTION = 100000  # revisions kept: enough history for a watcher to resume after a hiccup
+PROGRESS_NOTIFY = "1s"  # idle watch streams hear from their member this often (etcd.WATCH_SILENCE)
 
 
 class EtcdStartError(RuntimeError):
@@ -171,6 +172,7 @@ class EtcdCluster:
             "--quota-backend-bytes", str(QUOTA_BACKEND_BYTES),
             "--snapshot-count", str(SNAPSHOT_COUNT),
             "--pre-vote",
+            "--experimental-watch-progress-notify-interval", PROGRESS_NOTIFY,
             "--log-level", "warn",
             "--logger", "zap",
         ]  # fmt: skip

@@ -203,6 +203,32 @@ def test_cutting_off_the_manager_elects_another(healthy: LocalCluster) -> None:
     run(scenario(), 60)
 
 
+def test_cutting_off_the_etcd_leaders_node(healthy: LocalCluster) -> None:
+    """The harshest cut: the node that hosts etcd's leader. etcd elects another leader (extending
+    leases meanwhile), the node is marked down, and after the cable is back member and node rejoin."""
+    if healthy.topology is None:
+        pytest.skip("cutting a link needs network namespaces (root)")
+    assert healthy.etcd is not None
+    leader = healthy.etcd.leader()
+    assert leader is not None
+    victim = f"node{leader.removeprefix('etcd')}"  # etcd member j runs on node j
+
+    async def scenario() -> None:
+        async with Etcd(healthy.endpoints) as etcd:
+            cut_at = time.monotonic()
+            await asyncio.to_thread(healthy.cut_link, victim)
+            await until(etcd, lambda s: _is(s, victim, "down"), NODE_TIMEOUT + 3 * SLACK, f"{victim} down")
+            took = time.monotonic() - cut_at
+            new_leader = await asyncio.to_thread(healthy.etcd.leader)
+            assert new_leader not in (None, leader)
+            await asyncio.to_thread(healthy.restore_link, victim)
+            await until(etcd, lambda s: _is(s, victim, "up"), 20, f"{victim} up again")
+            assert healthy.backends[victim].poll() is None
+            print(f"{victim} (etcd leader {leader}) marked down {took:.1f}s after the cut")
+
+    run(scenario(), 60)
+
+
 def test_added_drive_is_exported_and_a_removed_one_withdrawn(healthy: LocalCluster, tmp_path: Path) -> None:
     node, index = "node2", 2
     address, port = healthy.node_address(index), healthy.node_ports(index)[0]
