@@ -1,17 +1,42 @@
-"""Child processes: stopping one politely, then firmly, within a bound."""
+"""Child processes: starting Kahu's own commands, tying children to their owner, telling whether a
+process still runs, and stopping one politely, then firmly, within a bound."""
 
 from __future__ import annotations
 
 import asyncio
 import ctypes
 import logging
+import os
 import signal
 import subprocess
+import sys
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 log = logging.getLogger(__name__)
+SOURCE_ROOT = Path(__file__).resolve().parents[1]  # the tree this very ``appliance`` package is in
+
+
+def kahu_command(*args: str) -> list[str]:
+    """``kahu ARGS`` as a child process of this interpreter (the same virtual environment)."""
+    return [sys.executable, "-m", "appliance.cli.main", *args]
+
+
+def kahu_env() -> dict[str, str]:
+    """The environment in which ``kahu_command`` runs this same source tree, installed or not."""
+    path = os.pathsep.join(filter(None, [str(SOURCE_ROOT), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "PYTHONPATH": path}
+
+
+def process_alive(pid: int) -> bool:
+    """Whether ``pid`` runs; a zombie (exited, not yet reaped by an init that may never reap) does not."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def stop_process(proc: subprocess.Popen[Any], timeout: float = 10.0) -> None:

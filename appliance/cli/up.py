@@ -31,6 +31,7 @@ from ..cluster.local import LocalCluster, netns_possible, resolve_spec
 from ..cluster.schema import ClusterError
 from ..cluster.store import ClusterStore
 from ..home import RUNNING_FILE, running_record
+from ..procs import kahu_command, kahu_env
 from ..units import parse_size
 from .context import home_of
 from .status import gather_status, render
@@ -107,13 +108,12 @@ def bring_up(args: argparse.Namespace) -> int:
     began = time.monotonic()
     read_fd, write_fd = os.pipe()
     # The spec is now stored in home: the supervisor reads it from there.
-    argv = [sys.executable, "-m", "appliance.cli.main", "up", "--foreground", "--home", str(home),
-            "--notify-fd", str(write_fd)]
+    argv = kahu_command("up", "--foreground", "--home", str(home), "--notify-fd", str(write_fd))
     log_path = home / "logs" / "supervisor.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as out:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out, pass_fds=(write_fd,),
-                                start_new_session=True)
+                                env=kahu_env(), start_new_session=True)
     os.close(write_fd)
     message = _read_notification(read_fd, UP_TIMEOUT)
     if not message.startswith("READY"):

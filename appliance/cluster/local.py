@@ -21,13 +21,12 @@ import selectors
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-from ..procs import stop_process, tied_to_parent
+from ..procs import kahu_command, kahu_env, stop_process, tied_to_parent
 from ..units import format_size
 from .etcd import Etcd
 from .etcd_server import EtcdCluster, EtcdMemberSpec
@@ -43,7 +42,6 @@ ETCD_CLIENT_PORT = 2379
 ETCD_PEER_PORT = 2380
 NVME_PORT = 4420
 DISCOVERY_PORT = 8009
-_REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def default_policy(nodes: int) -> ProtectionPolicy:
@@ -222,19 +220,17 @@ class LocalCluster:
         """Start a node's backend; returns the read end of its readiness pipe."""
         index = self.index(name)
         read_fd, write_fd = os.pipe()
-        argv = [sys.executable, "-m", "appliance.cli.main", "node", "serve", name,
-                "--etcd", ",".join(self.endpoints), "--home", str(self.home), "--notify-fd", str(write_fd)]
+        argv = kahu_command("node", "serve", name, "--etcd", ",".join(self.endpoints),
+                            "--home", str(self.home), "--notify-fd", str(write_fd))
         if self.spec.soft:
             argv.append("--soft")
         if self.topology is not None:
             argv = self.topology.command(index, argv)
         log_path = self.home / "logs" / f"{name}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(_REPO_ROOT),
-                                                                          os.environ.get("PYTHONPATH")]))}
         with open(log_path, "ab") as out:
             self.backends[name] = subprocess.Popen(
-                argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out, pass_fds=(write_fd,), env=env,
+                argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out, pass_fds=(write_fd,), env=kahu_env(),
                 start_new_session=True, preexec_fn=tied_to_parent())
         os.close(write_fd)
         return read_fd

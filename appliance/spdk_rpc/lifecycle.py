@@ -13,12 +13,11 @@ import contextlib
 import logging
 import os
 import shutil
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..procs import stop_async_process, tied_to_parent
+from ..procs import kahu_command, kahu_env, stop_async_process, tied_to_parent
 from .nodeconfig import DriveKind, NodeConfig
 from .pci import hugepages_reserved
 from .reconciler import DesiredState, Plan, desired_state, reconcile
@@ -33,7 +32,6 @@ START_TIMEOUT = 30.0  # socket + framework_wait_init; SPDK spends a while mappin
 STOP_TIMEOUT = 10.0
 RPC_TIMEOUT = 30.0
 DEFAULT_STATE_DIR = Path(".kahu")  # drive files, logs and runtime files
-_REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 @dataclass(frozen=True)
@@ -77,7 +75,7 @@ def soft_target_command(rpc_socket: str, state_dir: Path) -> list[str]:
     state_dir.mkdir(parents=True, exist_ok=True)
     config = state_dir / "soft-target.yaml"
     config.write_text(f"rpc_socket: {rpc_socket}\n")
-    return [sys.executable, "-m", "appliance.cli.main", "target", "serve", str(config)]
+    return kahu_command("target", "serve", str(config))
 
 
 class TargetProcess:
@@ -98,12 +96,11 @@ class TargetProcess:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.rpc_socket)  # a dead target's socket would be mistaken for the new one's
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(_REPO_ROOT),
-                                                                          os.environ.get("PYTHONPATH")]))}
         with open(self.log_path, "ab") as out:
             self.proc = await asyncio.create_subprocess_exec(
                 *self.argv, stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out,
-                env=env, start_new_session=True,  # a terminal's Ctrl-C is for the supervisor, not the target
+                env=kahu_env(),
+                start_new_session=True,  # a terminal's Ctrl-C is for the supervisor, not the target
                 preexec_fn=tied_to_parent(),  # a supervisor that crashes takes its target with it
             )
         log.info("started %s (pid %d)", self.argv[0], self.proc.pid)

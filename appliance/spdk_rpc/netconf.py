@@ -31,7 +31,7 @@ from typing import Any
 
 from pyroute2 import IPRoute, NetlinkError, NetNS, netns
 
-from ..procs import stop_process
+from ..procs import process_alive, stop_process
 from .nodeconfig import NodeConfig
 
 IFF_UP = 0x1
@@ -109,7 +109,7 @@ def cleanup_stale() -> list[str]:
     removed = []
     for name in netns.listnetns():
         match = _RUN_NS_RE.match(name)
-        if match and not _pid_alive(int(match.group(1))):
+        if match and not process_alive(int(match.group(1))):
             netns.remove(name)
             removed.append(name)
     with IPRoute() as ipr:
@@ -155,16 +155,6 @@ def _addresses_in(ipr: Any, network: ipaddress.IPv4Network | ipaddress.IPv6Netwo
         if interface.network.overlaps(network):
             found.append((addr["index"], f"{interface} on {names.get(addr['index'], addr['index'])}"))
     return found
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class Topology:

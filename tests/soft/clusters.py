@@ -100,12 +100,3 @@ async def until(etcd: Etcd, check: Callable[[ClusterStore], Awaitable[T | None]]
 async def health_of(store: ClusterStore, node: str) -> str:
     health = (await store.observed()).health.get(node)
     return str(health.state) if health else "unknown"
-
-
-def process_alive(pid: int) -> bool:
-    """Whether ``pid`` runs; a zombie (exited, not yet reaped by an init that may never reap) does not."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from clusters import cluster_spec, health_of, process_alive, running_cluster, until
+from clusters import cluster_spec, health_of, running_cluster, until
 from conftest import REPO, run
 
 from appliance.cluster.etcd import Etcd
@@ -27,6 +27,7 @@ from appliance.cluster.local import LocalCluster
 from appliance.cluster.schema import EVENTS, DriveState, Health
 from appliance.cluster.store import ClusterStore
 from appliance.nvmeof.host.controller import Controller
+from appliance.procs import process_alive
 
 NODE_TIMEOUT = 3  # seconds; heartbeat lease TTL 2 s
 SLACK = 1.5  # etcd checks lease expiry every 500 ms; the manager then writes one transaction

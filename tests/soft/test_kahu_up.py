@@ -15,13 +15,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from clusters import process_alive, until
+from clusters import until
 from conftest import REPO, run
 from pyroute2 import netns
 
 from appliance.cluster.etcd import Etcd
 from appliance.cluster.store import ClusterStore
 from appliance.home import running_record
+from appliance.procs import process_alive
 
 SUBNET = "10.76.0.0/24"  # not kahu up's default, so a user's own cluster on this machine is left alone
 UP_LIMIT = 20.0
