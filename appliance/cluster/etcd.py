@@ -248,6 +248,11 @@ class Etcd:
         answer = await self.call("/v3/kv/range", body)
         return [KeyValue.from_json(kv) for kv in answer.get("kvs") or []]
 
+    async def revision(self) -> int:
+        """The store's current revision (to watch from revision+1), without reading any key."""
+        answer = await self.call("/v3/kv/range", {"key": _b64("\0"), "count_only": True})
+        return int(answer["header"]["revision"])
+
     async def count(self, prefix: str) -> int:
         """How many keys are under ``prefix`` (counted by etcd; no values travel)."""
         answer = await self.call("/v3/kv/range", {**_prefix_range(prefix), "count_only": True})

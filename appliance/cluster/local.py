@@ -192,9 +192,21 @@ class LocalCluster:
                     await store.add_drive(name, {"file": str(path), "size": size})
 
     def start_nodes(self, names: list[str], timeout: float = START_TIMEOUT) -> None:
-        """Start the backends of ``names`` together; return once each says it is serving."""
-        pipes = {name: self._spawn_backend(name) for name in names}
+        """Start the backends of ``names`` together; return once each serves and the cluster's
+        manager has marked it up (what ``kahu status`` shows)."""
         deadline = time.monotonic() + timeout
+        self._await_ready({name: self._spawn_backend(name) for name in names}, deadline)
+        asyncio.run(self.wait_up(names, deadline - time.monotonic()))
+
+    async def wait_up(self, names: list[str], timeout: float) -> None:
+        async with Etcd(self.endpoints) as etcd:
+            store = ClusterStore(etcd)
+            await store.wait_until(lambda s: s.all_up(names), timeout, f"nodes {', '.join(names)} up")
+
+    def _await_ready(self, pipes: dict[str, int], deadline: float) -> None:
+        """Until each backend writes READY on its pipe (or fails, or the deadline passes)."""
+        names = list(pipes)
+        timeout = deadline - time.monotonic()
         with selectors.DefaultSelector() as sel:
             for name, fd in pipes.items():
                 sel.register(fd, selectors.EVENT_READ, name)

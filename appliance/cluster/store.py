@@ -9,12 +9,13 @@ refused command has changed nothing and an accepted one was valid at the moment 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, TypeVar
 
 from ..spdk_rpc.nodeconfig import NodeConfigError
 from ..units import human_size
@@ -59,6 +60,7 @@ from .schema import (
 )
 
 CHANGE_ATTEMPTS = 20
+T = TypeVar("T")
 Ops = list[dict[str, Any]]
 
 
@@ -122,6 +124,26 @@ class ClusterStore:
         manager = await self.etcd.get(MANAGER_KEY)
         out.manager = manager.json()["node"] if manager else None
         return out
+
+    async def wait_until(self, check: Callable[[ClusterStore], Awaitable[T | None]], timeout: float,
+                         what: str = "condition") -> T:
+        """The first truthy ``check(self)``, re-evaluated after each change under ``/kahu/``, within
+        ``timeout`` (TimeoutError naming ``what`` after it): waiting on etcd, never on the clock."""
+        try:
+            async with asyncio.timeout(timeout):
+                while True:
+                    revision = await self.etcd.revision()
+                    if result := await check(self):
+                        return result
+                    await self.etcd.next_change("/kahu/", revision + 1)
+        except TimeoutError:
+            raise TimeoutError(f"{what}: not within {timeout:g}s") from None
+
+    async def all_up(self, nodes: Iterable[str]) -> bool:
+        """Whether the manager has marked every one of ``nodes`` up and each holds its heartbeat."""
+        observed = await self.observed()
+        return all((h := observed.health.get(n)) is not None and h.state is Health.UP
+                   and n in observed.heartbeats for n in nodes)
 
     async def events(self, limit: int = 20) -> list[Event]:
         """The newest ``limit`` events, oldest first."""

@@ -7,7 +7,6 @@ Waiting is always on etcd itself: ``until`` re-checks a condition after every ch
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import random
 import socket
@@ -84,17 +83,11 @@ def running_cluster(home: Path, spec: LocalSpec) -> Iterator[LocalCluster]:
 
 async def until(etcd: Etcd, check: Callable[[ClusterStore], Awaitable[T | None]], timeout: float,
                 what: str = "condition") -> T:
-    """The first truthy ``check(store)``, re-evaluated after each change in etcd, within ``timeout``."""
-    store = ClusterStore(etcd)
+    """``ClusterStore.wait_until`` failing the test (not erroring it) when the time is up."""
     try:
-        async with asyncio.timeout(timeout):
-            while True:
-                _, revision = await etcd.get_prefix_at("/kahu/")
-                if result := await check(store):
-                    return result
-                await etcd.next_change("/kahu/", revision + 1)
-    except TimeoutError:
-        raise AssertionError(f"{what}: not within {timeout}s") from None
+        return await ClusterStore(etcd).wait_until(check, timeout, what)
+    except TimeoutError as e:
+        raise AssertionError(str(e)) from None
 
 
 async def health_of(store: ClusterStore, node: str) -> str:

@@ -24,7 +24,7 @@ from conftest import REPO, run
 
 from appliance.cluster.etcd import Etcd
 from appliance.cluster.local import LocalCluster
-from appliance.cluster.schema import EVENTS, DriveState, Health
+from appliance.cluster.schema import EVENTS, DriveState
 from appliance.cluster.store import ClusterStore
 from appliance.nvmeof.host.controller import Controller
 from appliance.procs import process_alive
@@ -57,17 +57,7 @@ def healthy(cluster: LocalCluster) -> Iterator[LocalCluster]:
         for name, proc in cluster.backends.items():
             if proc.poll() is not None:
                 cluster.start_node(name)
-        run(all_up(cluster), 30)
-
-
-async def all_up(cluster: LocalCluster) -> None:
-    async def check(store: ClusterStore) -> bool:
-        observed = await store.observed()
-        return all(observed.health.get(n) is not None and observed.health[n].state is Health.UP
-                   and n in observed.heartbeats for n in cluster.names)
-
-    async with Etcd(cluster.endpoints) as etcd:
-        await until(etcd, check, 20, "every node up")
+        run(cluster.wait_up(cluster.names, 20), 30)
 
 
 def kahu(cluster: LocalCluster, *args: str, timeout: float = 15) -> subprocess.CompletedProcess[str]:
