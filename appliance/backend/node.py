@@ -22,7 +22,7 @@ from typing import Any
 from ..cluster.etcd import Etcd, EtcdError
 from ..cluster.heartbeat import HeartbeatLease
 from ..cluster.manager import Manager
-from ..cluster.schema import CONFIG, EXPORTED_STATES, ClusterError, Config, DriveReport, Node
+from ..cluster.schema import CONFIG, EXPORTED_STATES, ClusterError, Config, Drive, DriveReport, Node
 from ..cluster.store import ClusterStore
 from ..spdk_rpc.lifecycle import NodeTarget
 from ..spdk_rpc.nodeconfig import NodeConfig, parse_node_config
@@ -62,6 +62,7 @@ class NodeBackend:
         self.home = home
         self.soft = soft
         self.ready = ready or (lambda: None)
+        self._applied: tuple[NodeConfig, dict[int, Drive]] | None = None  # what the target last got
 
     async def run(self, stop: asyncio.Event) -> None:
         """Serve until ``stop`` is set (then leave cleanly) or the node is removed from the cluster."""
@@ -108,23 +109,26 @@ class NodeBackend:
         Losing etcd (a cut link, an election) only pauses this: the target keeps serving what it
         has, and the loop reads everything again once etcd answers.
         """
-        etcd = store.etcd
         while True:
             try:
-                _, revision = await etcd.get_prefix_at(CONFIG)
-                config = await store.config()
+                config, revision = await store.config_at()
                 node = config.nodes.get(self.name)
                 if node is None:
                     raise NodeRemoved(f"node {self.name} was removed from the cluster")
                 await self._apply(store, config, node, target)
                 applied.set()
-                await etcd.next_change(CONFIG, revision + 1)  # then read it all again (level-triggered)
+                await store.etcd.next_change(CONFIG, revision + 1)  # then read it all again (level-triggered)
             except EtcdError as e:
                 log.warning("following the configuration of %s: %s; retrying", self.name, e)
                 await asyncio.sleep(RETRY_PAUSE)  # a pause between attempts, not synchronisation
 
     async def _apply(self, store: ClusterStore, config: Config, node: Node, target: NodeTarget) -> None:
+        """Reconcile the target with this node's part of ``config`` and report each drive; nothing to
+        do when the change was elsewhere in the cluster (the target keeps its own state on restarts)."""
         wanted = node_config(node, config, self.home)
+        drives = {d.id: d for d in config.drives.values() if d.node == self.name}
+        if (wanted, drives) == self._applied:
+            return
         error = ""
         try:
             plan = await target.apply(desired_state(wanted))
@@ -135,14 +139,13 @@ class NodeBackend:
             log.error("cannot export the drives of %s: %s", self.name, e)
         bdevs = {b["name"]: b for b in await asyncio.to_thread(target.rpc.bdev_get_bdevs)}
         now = time.time()
-        for drive in config.drives.values():
-            if drive.node != self.name:
-                continue
+        for drive in drives.values():
             spec = drive.parsed()
             bdev = bdevs.get(spec.name) or bdevs.get(f"{spec.name}n1")
             wanted_out = drive.state in EXPORTED_STATES
             problem = "" if bdev or not wanted_out else error or "not exported"
             await store.report_drive(drive.id, DriveReport(bdev is not None, _bdev_size(bdev), problem, now))
+        self._applied = None if error else (wanted, drives)  # a failure is tried again on the next change
 
 
 def _bdev_size(bdev: dict[str, Any] | None) -> int:

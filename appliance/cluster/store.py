@@ -92,12 +92,17 @@ class ClusterStore:
 
     async def config(self) -> Config:
         """``/kahu/config/`` at one revision (refuses a schema newer than this code)."""
+        config, _ = await self.config_at()
+        return config
+
+    async def config_at(self) -> tuple[Config, int]:
+        """The config and the revision it was read at, to watch for what comes after it."""
         await self.check_schema()
-        kvs = await self.etcd.get_prefix(CONFIG)
+        kvs, revision = await self.etcd.get_prefix_at(CONFIG)
         config = Config()
         for kv in kvs:
             _load(config, kv)
-        return config
+        return config, revision
 
     async def check_schema(self) -> int:
         kv = await self.etcd.get(SCHEMA_KEY)
@@ -109,19 +114,21 @@ class ClusterStore:
 
     async def require(self) -> Config:
         config = await self.config()
-        if config.cluster is None:
-            raise ClusterError("no cluster here yet: create one with `kahu cluster create` (or `kahu up`)")
+        _require_cluster(config)
         return config
 
     async def observed(self) -> Observed:
+        """Health marks, heartbeats, drive reports and the manager, read together."""
+        health, heartbeats, reports, manager = await asyncio.gather(
+            self.etcd.get_prefix(NODE_HEALTH), self.etcd.get_prefix(HEARTBEATS),
+            self.etcd.get_prefix(DRIVE_STATE), self.etcd.get(MANAGER_KEY))
         out = Observed()
-        for kv in await self.etcd.get_prefix(NODE_HEALTH):
+        for kv in health:
             out.health[kv.key[len(NODE_HEALTH):]] = parse_record(kv.key, kv.value, NodeHealth)
-        for kv in await self.etcd.get_prefix(HEARTBEATS):
+        for kv in heartbeats:
             out.heartbeats[kv.key[len(HEARTBEATS):]] = parse_record(kv.key, kv.value, Heartbeat)
-        for kv in await self.etcd.get_prefix(DRIVE_STATE):
+        for kv in reports:
             out.drive_reports[int(kv.key[len(DRIVE_STATE):])] = parse_record(kv.key, kv.value, DriveReport)
-        manager = await self.etcd.get(MANAGER_KEY)
         out.manager = manager.json()["node"] if manager else None
         return out
 
@@ -230,8 +237,7 @@ class ClusterStore:
 
         def plan(config: Config) -> Ops:
             info = _require_cluster(config)
-            if name not in config.nodes:
-                raise ClusterError(f"no node {name!r} (nodes: {', '.join(sorted(config.nodes)) or 'none'})")
+            _require_node(config, name)
             rest = [n for n in config.nodes.values() if n.name != name]
             info.policy.check_fits(len(config.failure_domains(rest)))
             gone = {d.id for d in config.live_drives(name)}
@@ -251,8 +257,7 @@ class ClusterStore:
 
         def plan(config: Config) -> Ops:
             _require_cluster(config)
-            if node not in config.nodes:
-                raise ClusterError(f"no node {node!r} (nodes: {', '.join(sorted(config.nodes)) or 'none'})")
+            _require_node(config, node)
             now = time.time()
             drive = Drive(config.next_id("drive"), node, dict(spec), DriveState.ACTIVE, now, now)
             try:
@@ -424,6 +429,12 @@ def _require_cluster(config: Config) -> ClusterInfo:
     if config.cluster is None:
         raise ClusterError("no cluster here yet: create one with `kahu cluster create` (or `kahu up`)")
     return config.cluster
+
+
+def _require_node(config: Config, name: str) -> Node:
+    if name not in config.nodes:
+        raise ClusterError(f"no node {name!r} (nodes: {', '.join(sorted(config.nodes)) or 'none'})")
+    return config.nodes[name]
 
 
 def _check_new_nodes(existing: dict[str, Node], new: list[Node]) -> None:
