@@ -8,6 +8,8 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+from ..cluster.etcd import Etcd
+from ..cluster.store import ClusterStore
 from ..home import default_home, etcd_endpoints
 
 T = TypeVar("T")
@@ -26,11 +28,8 @@ def home_of(args: argparse.Namespace) -> Path:
     return args.home if getattr(args, "home", None) else default_home()
 
 
-def with_store(args: argparse.Namespace, action: Callable[[Any], Awaitable[T]]) -> T:
+def with_store(args: argparse.Namespace, action: Callable[[ClusterStore], Awaitable[T]]) -> T:
     """Run ``action(store)`` against the cluster the arguments point at, bounded in time."""
-    from ..cluster.etcd import Etcd
-    from ..cluster.store import ClusterStore
-
     endpoints = etcd_endpoints(getattr(args, "etcd", None), home_of(args))
 
     async def main() -> T:

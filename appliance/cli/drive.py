@@ -6,12 +6,11 @@ import argparse
 import json
 from typing import Any
 
-from ..cluster.schema import ClusterError, Config, DriveState
-from ..cluster.store import ClusterStore, Observed
+from ..cluster.schema import ClusterError, DriveState
 from ..spdk_rpc.pci import PCI_ADDRESS_RE
 from ..units import human_size
 from .context import add_cluster_arguments, table, with_store
-from .views import drive_row
+from .views import config_and_observed, drive_row
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -67,10 +66,7 @@ def add_drive(args: argparse.Namespace) -> int:
 
 
 def list_drives(args: argparse.Namespace) -> int:
-    async def read(store: ClusterStore) -> tuple[Config, Observed]:
-        return await store.require(), await store.observed()
-
-    config, observed = with_store(args, read)
+    config, observed = with_store(args, config_and_observed)
     drives = sorted(config.drives.values(), key=lambda d: d.id)
     rows = [drive_row(d, observed) for d in drives if args.all or d.state is not DriveState.REMOVED]
     if args.json:

@@ -5,8 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..cluster.schema import ClusterError, Config
-from ..cluster.store import ClusterStore
+from ..cluster.schema import ClusterError
 from ..units import human_size, parse_size
 from .context import add_cluster_arguments, table, with_store
 
@@ -40,10 +39,7 @@ def create_fs(args: argparse.Namespace) -> int:
 
 
 def list_fs(args: argparse.Namespace) -> int:
-    async def read(store: ClusterStore) -> Config:
-        return await store.require()
-
-    config = with_store(args, read)
+    config = with_store(args, lambda store: store.require())
     rows = [{"name": fs.name, "id": fs.id, "capacity": fs.capacity}
             for fs in sorted(config.filesystems.values(), key=lambda f: f.name)]
     if args.json:

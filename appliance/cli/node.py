@@ -15,8 +15,7 @@ from typing import Any
 import yaml
 
 from ..backend.node import NodeBackend, NodeRemoved, notify_fd
-from ..cluster.schema import Config, Node
-from ..cluster.store import ClusterStore, Observed
+from ..cluster.schema import Node
 from ..home import etcd_endpoints
 from ..nvmeof.spec import DISCOVERY_PORT, NVME_PORT
 from ..spdk_rpc.drives import NvmeCli
@@ -25,8 +24,8 @@ from ..spdk_rpc.nodeconfig import DriveKind, NodeConfig, NodeConfigError, load_n
 from ..spdk_rpc.pci import MOUNTINFO, PciError, Step, apply, hugepages_reserved, plan_bind, plan_hugepages
 from ..spdk_rpc.rpc import RpcError
 from ..tasks import first_completed, stop_on_signals
-from .context import add_cluster_arguments, home_of, table, with_store
-from .views import node_row
+from .context import add_cluster_arguments, home_of, with_store
+from .views import config_and_observed, node_row, nodes_table
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -140,17 +139,12 @@ def add_node(args: argparse.Namespace) -> int:
 
 
 def list_nodes(args: argparse.Namespace) -> int:
-    async def read(store: ClusterStore) -> tuple[Config, Observed]:
-        return await store.require(), await store.observed()
-
-    config, observed = with_store(args, read)
+    config, observed = with_store(args, config_and_observed)
     rows = [node_row(n, config, observed) for n in sorted(config.nodes.values(), key=lambda n: n.name)]
     if args.json:
         print(json.dumps(rows, indent=2))
     else:
-        print(table(["NODE", "ADDRESS", "DOMAIN", "HEALTH", "SINCE", "DRIVES", "MANAGER"],
-                    [[r["name"], f"{r['address']}:{r['nvme_port']}", r["failure_domain"], r["health"],
-                      r["since"], r["drives"], "*" if r["manager"] else ""] for r in rows]))
+        print(nodes_table(rows))
     return 0
 
 

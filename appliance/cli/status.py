@@ -12,7 +12,7 @@ from ..cluster.etcd import EtcdError
 from ..cluster.store import ClusterStore
 from ..units import human_size
 from .context import add_cluster_arguments, table, with_store
-from .views import drive_row, node_row
+from .views import config_and_observed, drive_row, node_row, nodes_table
 
 MEMBER_TIMEOUT = 0.5  # a member that does not answer this fast is shown as unreachable
 
@@ -27,8 +27,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 async def gather_status(store: ClusterStore, events: int = 8) -> dict[str, Any]:
     """Everything ``kahu status`` shows, as one JSON-able document."""
-    config = await store.require()
-    observed = await store.observed()
+    config, observed = await config_and_observed(store)
     assert config.cluster is not None
     nodes = [node_row(n, config, observed) for n in sorted(config.nodes.values(), key=lambda n: n.name)]
     drives = [drive_row(d, observed) for d in config.live_drives()]
@@ -93,9 +92,7 @@ def render(doc: dict[str, Any]) -> str:
         f"capacity raw {human_size(cap['raw'])}, usable {human_size(cap['usable'])}, "
         f"provisioned {human_size(cap['provisioned'])}",
         "",
-        table(["NODE", "ADDRESS", "DOMAIN", "HEALTH", "SINCE", "DRIVES", "MANAGER"],
-              [[n["name"], f"{n['address']}:{n['nvme_port']}", n["failure_domain"], n["health"], n["since"],
-                n["drives"], "*" if n["manager"] else ""] for n in doc["nodes"]]),
+        nodes_table(doc["nodes"]),
     ]
     exported = sum(1 for d in doc["drives"] if d["exported"])
     lines += ["", f"drives {exported}/{len(doc['drives'])} exported"]

@@ -6,7 +6,13 @@ import time
 from typing import Any
 
 from ..cluster.schema import Config, Drive, Node
-from ..cluster.store import Observed
+from ..cluster.store import ClusterStore, Observed
+from .context import table
+
+
+async def config_and_observed(store: ClusterStore) -> tuple[Config, Observed]:
+    """What the list commands show: the configuration (a cluster must exist) and what is observed."""
+    return await store.require(), await store.observed()
 
 
 def node_row(node: Node, config: Config, observed: Observed) -> dict[str, Any]:
@@ -30,3 +36,9 @@ def drive_row(drive: Drive, observed: Observed) -> dict[str, Any]:
     return {"id": drive.id, "node": drive.node, "kind": str(parsed.kind), "source": parsed.source or "-",
             "size": size, "state": str(drive.state), "uuid": str(parsed.uuid),
             "exported": bool(report and report.exported), "error": report.error if report else ""}
+
+
+def nodes_table(rows: list[dict[str, Any]]) -> str:
+    return table(["NODE", "ADDRESS", "DOMAIN", "HEALTH", "SINCE", "DRIVES", "MANAGER"],
+                 [[r["name"], f"{r['address']}:{r['nvme_port']}", r["failure_domain"], r["health"],
+                   r["since"], r["drives"], "*" if r["manager"] else ""] for r in rows])
