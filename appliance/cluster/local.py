@@ -22,6 +22,7 @@ import shutil
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
@@ -322,7 +323,7 @@ def resolve_spec(home: Path, requested: dict[str, Any]) -> LocalSpec:
 
 
 @contextlib.contextmanager
-def local_cluster(home: Path, spec: LocalSpec, timeout: float = START_TIMEOUT) -> Any:
+def local_cluster(home: Path, spec: LocalSpec, timeout: float = START_TIMEOUT) -> Iterator[LocalCluster]:
     """``with local_cluster(home, spec) as cluster:`` — started, and stopped also on failure."""
     cluster = LocalCluster(home, spec)
     cluster.start(timeout)

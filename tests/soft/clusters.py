@@ -1,5 +1,6 @@
-"""Clusters for tests: etcd members on loopback, and whole Kahu clusters (``LocalCluster``) whose nodes
-live in network namespaces (as root), with the means to crash a node, cut its link and bring it back.
+"""Clusters for tests: etcd members on loopback, and the spec of small, fast Kahu clusters for
+``appliance.cluster.local.local_cluster`` (nodes in network namespaces as root), whose ``LocalCluster``
+can crash a node, cut its link and bring it back.
 
 Waiting is always on etcd itself: ``until`` re-checks a condition after every change under ``/kahu/``
 (a watch), within a deadline, so tests never sleep to synchronise.
@@ -10,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import random
 import socket
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TypeVar
 
@@ -18,7 +19,7 @@ from ports import free_port
 
 from appliance.cluster.etcd import Etcd
 from appliance.cluster.etcd_server import EtcdCluster, EtcdMemberSpec
-from appliance.cluster.local import LocalCluster, LocalSpec, netns_possible
+from appliance.cluster.local import LocalSpec, netns_possible
 from appliance.cluster.store import ClusterStore
 
 T = TypeVar("T")
@@ -68,17 +69,6 @@ def cluster_spec(nodes: int = 4, etcd_members: int = 3, node_timeout: int = 3, *
     return LocalSpec(nodes=nodes, etcd_members=etcd_members, node_timeout=node_timeout, netns=netns,
                      drive_size=64 << 20, soft=True, etcd_heartbeat_ms=HEARTBEAT_MS,
                      etcd_election_ms=ELECTION_MS, **layout, **extra)  # type: ignore[arg-type]
-
-
-@contextlib.contextmanager
-def running_cluster(home: Path, spec: LocalSpec) -> Iterator[LocalCluster]:
-    """A started cluster; stopped (processes, namespaces) also when the test fails."""
-    cluster = LocalCluster(home, spec)
-    try:
-        cluster.start()
-        yield cluster
-    finally:
-        cluster.stop()
 
 
 async def until(etcd: Etcd, check: Callable[[ClusterStore], Awaitable[T | None]], timeout: float,

@@ -21,11 +21,20 @@ from appliance.nvmeof.spec import DISCOVERY_NQN
 from appliance.nvmeof.target.config import apply_target_config, parse_target_config
 from appliance.nvmeof.target.model import Bdev, ListenAddress, MallocBdev, Subsystem, Transport
 from appliance.nvmeof.target.server import TargetServer
-from appliance.procs import stop_process
+from appliance.procs import kahu_command, stop_process
 
 REPO = Path(__file__).resolve().parents[2]
 TEST_NQN = "nqn.2026-11.io.kahu:test"
 TEST_TIMEOUT = 20.0
+
+
+def run_kahu(*args: str, home: Path | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """``kahu ARGS`` as a user runs it, output captured; $KAHU_ETCD unset, $KAHU_HOME ``home`` if given."""
+    env = {k: v for k, v in os.environ.items() if k != "KAHU_ETCD"}
+    if home is not None:
+        env["KAHU_HOME"] = str(home)
+    return subprocess.run(kahu_command(*args), cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=timeout)
 
 
 def run(coro: Any, timeout: float = TEST_TIMEOUT, runner: Callable[[Any], Any] = asyncio.run) -> Any:

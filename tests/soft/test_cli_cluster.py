@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from clusters import make_etcd
-from conftest import REPO, run
+from conftest import REPO, run, run_kahu
 from ports import free_port
 
 from appliance.cluster.etcd import Etcd
@@ -91,9 +91,7 @@ def cluster(url: str) -> Iterator[str]:
 def kahu(home: Path, *args: str, etcd: str | None = None, timeout: float = CLI_TIMEOUT
          ) -> subprocess.CompletedProcess[str]:
     """``kahu ARGS [--etcd URL]`` as a subprocess; $KAHU_ETCD unset, $KAHU_HOME an empty directory."""
-    env = {k: v for k, v in os.environ.items() if k != "KAHU_ETCD"} | {"KAHU_HOME": str(home)}
-    command = [sys.executable, "-m", "appliance.cli.main", *args, *(["--etcd", etcd] if etcd else [])]
-    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
+    return run_kahu(*args, *(["--etcd", etcd] if etcd else []), home=home, timeout=timeout)
 
 
 def ok(result: subprocess.CompletedProcess[str]) -> str:

@@ -6,21 +6,17 @@ import json
 import os
 import re
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import REPO, kahu_target_serve
+from conftest import kahu_target_serve, run_kahu
 
 NQN = "nqn.2026-11.io.kahu:cli-test"
 
 
 def kahu(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "appliance.cli.main", *args],
-        cwd=REPO, capture_output=True, text=True, timeout=timeout,
-    )  # fmt: skip
+    return run_kahu(*args, timeout=timeout)
 
 
 @pytest.fixture(scope="module")

@@ -12,18 +12,17 @@ import asyncio
 import contextlib
 import json
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from clusters import cluster_spec, health_of, running_cluster, until
-from conftest import REPO, run
+from clusters import cluster_spec, health_of, until
+from conftest import run, run_kahu
 
 from appliance.cluster.etcd import Etcd
-from appliance.cluster.local import LocalCluster
+from appliance.cluster.local import LocalCluster, local_cluster
 from appliance.cluster.schema import EVENTS, DriveState
 from appliance.cluster.store import ClusterStore
 from appliance.nvmeof.host.controller import Controller
@@ -37,7 +36,7 @@ IO_TIMEOUT = 10.0
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
     home = tmp_path_factory.mktemp("cluster")
-    with running_cluster(home, cluster_spec(nodes=4, etcd_members=3, node_timeout=NODE_TIMEOUT)) as c:
+    with local_cluster(home, cluster_spec(nodes=4, etcd_members=3, node_timeout=NODE_TIMEOUT)) as c:
         yield c
 
 
@@ -61,8 +60,7 @@ def healthy(cluster: LocalCluster) -> Iterator[LocalCluster]:
 
 
 def kahu(cluster: LocalCluster, *args: str, timeout: float = 15) -> subprocess.CompletedProcess[str]:
-    argv = [sys.executable, "-m", "appliance.cli.main", *args, "--etcd", ",".join(cluster.endpoints)]
-    return subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    return run_kahu(*args, "--etcd", ",".join(cluster.endpoints), timeout=timeout)
 
 
 async def health_events(etcd: Etcd, node: str) -> list[str]:

@@ -9,14 +9,13 @@ import os
 import select
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from clusters import until
-from conftest import REPO, run
+from conftest import run, run_kahu
 from pyroute2 import netns
 
 from appliance.cluster.etcd import Etcd
@@ -30,10 +29,7 @@ STATUS_LIMIT = 1.0
 
 
 def kahu(home: Path, *args: str, timeout: float = 90) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "KAHU_HOME": str(home)}
-    env.pop("KAHU_ETCD", None)
-    return subprocess.run([sys.executable, "-m", "appliance.cli.main", *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return run_kahu(*args, home=home, timeout=timeout)
 
 
 def timed(home: Path, *args: str) -> tuple[float, subprocess.CompletedProcess[str]]:
