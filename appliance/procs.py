@@ -4,6 +4,7 @@ process still runs, and stopping one politely, then firmly, within a bound."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import logging
 import os
@@ -28,6 +29,15 @@ def kahu_env() -> dict[str, str]:
     """The environment in which ``kahu_command`` runs this same source tree, installed or not."""
     path = os.pathsep.join(filter(None, [str(SOURCE_ROOT), os.environ.get("PYTHONPATH")]))
     return {**os.environ, "PYTHONPATH": path}
+
+
+def notify(fd: int | None, message: str) -> None:
+    """systemd-notify style: one line (READY, or ERROR and why) to the pipe a starter gave us, which is
+    then closed; nothing when started without one, and a starter gone already is not an error."""
+    if fd is not None:
+        with contextlib.suppress(OSError):
+            os.write(fd, message.replace("\n", " ").encode() + b"\n")
+            os.close(fd)
 
 
 def process_alive(pid: int) -> bool:

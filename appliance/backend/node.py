@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -157,12 +156,3 @@ async def _quietly(aw: Any) -> None:
         await asyncio.wait_for(aw, 2.0)
     except (EtcdError, TimeoutError) as e:
         log.warning("could not end the heartbeat cleanly: %s", e)
-
-
-def notify_fd(fd: int | None) -> Callable[[], None]:
-    """systemd-notify style readiness: write READY to an inherited pipe and close it."""
-    def ready() -> None:
-        if fd is not None:
-            os.write(fd, b"READY\n")
-            os.close(fd)
-    return ready

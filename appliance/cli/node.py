@@ -14,10 +14,11 @@ from typing import Any
 
 import yaml
 
-from ..backend.node import NodeBackend, NodeRemoved, notify_fd
+from ..backend.node import NodeBackend, NodeRemoved
 from ..cluster.schema import Node
 from ..home import etcd_endpoints
 from ..nvmeof.spec import DISCOVERY_PORT, NVME_PORT
+from ..procs import notify
 from ..spdk_rpc.drives import NvmeCli
 from ..spdk_rpc.lifecycle import DEFAULT_STATE_DIR, NodeTarget
 from ..spdk_rpc.nodeconfig import DriveKind, NodeConfig, NodeConfigError, load_node_config
@@ -160,7 +161,7 @@ def serve_node(args: argparse.Namespace) -> int:
                         format=f"%(asctime)s {args.name} %(levelname)s %(name)s: %(message)s")
     home = home_of(args) / "nodes" / args.name
     backend = NodeBackend(etcd_endpoints(args.etcd, home_of(args)), args.name, home,
-                          soft=True if args.soft else None, ready=notify_fd(args.notify_fd))
+                          soft=True if args.soft else None, ready=lambda: notify(args.notify_fd, "READY"))
 
     async def main() -> None:
         await backend.run(stop_on_signals())

@@ -31,7 +31,7 @@ from ..cluster.local import LocalCluster, netns_possible, resolve_spec
 from ..cluster.schema import ClusterError
 from ..cluster.store import ClusterStore
 from ..home import RUNNING_FILE, running_record
-from ..procs import kahu_command, kahu_env
+from ..procs import kahu_command, kahu_env, notify
 from ..units import parse_size
 from .context import home_of
 from .status import gather_status, render
@@ -162,7 +162,7 @@ def supervise(home: Path, requested: dict[str, Any], notify_fd: int | None) -> i
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        _notify(notify_fd, "ERROR another kahu up already runs from " + str(home))
+        notify(notify_fd, "ERROR another kahu up already runs from " + str(home))
         return 1
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_w, False)
@@ -177,14 +177,14 @@ def supervise(home: Path, requested: dict[str, Any], notify_fd: int | None) -> i
         elapsed = cluster.start()
         (home / RUNNING_FILE).write_text(json.dumps(cluster.record(os.getpid()), indent=2) + "\n")
         log.info("cluster up in %.1fs: %d nodes, etcd %s", elapsed, spec.nodes, ",".join(cluster.endpoints))
-        _notify(notify_fd, "READY")
+        notify(notify_fd, "READY")
         notify_fd = None
         _watch(cluster, wake_r, stopping)
         log.info("stopping")
         return 0
     except (ClusterError, EtcdStartError, EtcdError, OSError, ValueError) as e:
         log.error("%s", e)
-        _notify(notify_fd, f"ERROR {e}")
+        notify(notify_fd, f"ERROR {e}")
         return 1
     finally:
         if cluster is not None:
@@ -192,13 +192,6 @@ def supervise(home: Path, requested: dict[str, Any], notify_fd: int | None) -> i
         with contextlib.suppress(FileNotFoundError):
             (home / RUNNING_FILE).unlink()
         lock.close()
-
-
-def _notify(fd: int | None, message: str) -> None:
-    if fd is not None:
-        with contextlib.suppress(OSError):
-            os.write(fd, message.replace("\n", " ").encode() + b"\n")
-            os.close(fd)
 
 
 def _watch(cluster: LocalCluster, wake_fd: int, stopping: list[bool]) -> None:
