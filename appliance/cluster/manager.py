@@ -103,7 +103,7 @@ class Manager:
                 dirty.clear()
                 await self.reconcile(fence)
 
-        _, revision = await self.etcd.get_prefix_at(HEARTBEATS)
+        revision = await self.etcd.revision()
         await first_completed(watch(HEARTBEATS, revision), watch(DRIVES, revision), reconcile_loop(),
                      self.heartbeat.wait_lost(generation))
         log.warning("%s lost its lease: no longer manager", self.node)

@@ -95,7 +95,7 @@ def test_killing_the_etcd_leader_does_not_disturb_the_cluster(healthy: LocalClus
 
     async def scenario() -> None:
         async with Etcd(healthy.endpoints) as etcd:
-            _, start = await etcd.get_prefix_at("/kahu/")
+            start = await etcd.revision()
             etcd_cluster.kill_member(leader)
             store = ClusterStore(etcd)
             fs = await store.create_fs(f"during-{uuid.uuid4().hex[:6]}", 1 << 20)  # writes go on
