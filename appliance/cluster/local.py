@@ -23,7 +23,7 @@ import signal
 import subprocess
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -319,7 +319,7 @@ def resolve_spec(home: Path, requested: dict[str, Any]) -> LocalSpec:
         have = ", ".join(f"{k}={getattr(stored, k)}" for k in clash)
         raise ClusterError(f"{home} already holds a cluster made with {have}; use another --home, "
                            f"or remove {home} to start over")
-    return replace(stored)
+    return stored
 
 
 @contextlib.contextmanager
